@@ -6,3 +6,20 @@
 //!
 //! It must never do I/O: no sockets, no async runtime, no clock and no RNG of its own. Callers
 //! pass the current time and random bytes in.
+//!
+//! Map:
+//! - [`message`]: one Rust type per `t`, the [`message::Message`] enum, the envelope.
+//! - [`codec`]: CBOR (native, binary frames) and JSON (0.1.x compat, text frames) over the same types.
+//! - [`limits`]: frame size, string lengths, counts; checked before allocating.
+//! - [`error`]: wire error codes (`e` frames) and decode errors.
+//! - [`handshake`]: key id, h1/h2 MACs, skew window, nonce replay cache, protocol floor.
+//! - [`canonical`]: canonical JSON and the SHA-256/base64url digest of config payloads.
+//! - [`jit`]: the JIT credential token format.
+
+pub mod canonical;
+pub mod codec;
+pub mod error;
+pub mod handshake;
+pub mod jit;
+pub mod limits;
+pub mod message;

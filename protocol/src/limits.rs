@@ -1,0 +1,1 @@
+//! `limits`: to be written (issue 2).
