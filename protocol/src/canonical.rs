@@ -55,14 +55,18 @@ use sha2::{Digest as _, Sha256};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CanonicalError {
     /// An object key contains a non-ASCII character: our collation is only exact for ASCII.
-    #[error("object key {key:?} contains non-ASCII characters; its sort position may differ from ICU")]
+    #[error(
+        "object key {key:?} contains non-ASCII characters; its sort position may differ from ICU"
+    )]
     NonAsciiKey {
         /// The offending key.
         key: String,
     },
     /// An object key contains an ICU-ignorable control character (U+0000..U+0008,
     /// U+000E..U+001F, U+007F): two keys may then compare equal and 0.1.50 keeps input order.
-    #[error("object key {key:?} contains an ignorable control character; its order is input-dependent in 0.1.50")]
+    #[error(
+        "object key {key:?} contains an ignorable control character; its order is input-dependent in 0.1.50"
+    )]
     IgnorableInKey {
         /// The offending key.
         key: String,
@@ -242,7 +246,11 @@ pub fn collate(a: &str, b: &str) -> Ordering {
     non_ignorable(a)
         .map(|w| w.0)
         .cmp(non_ignorable(b).map(|w| w.0))
-        .then_with(|| non_ignorable(a).map(|w| w.1).cmp(non_ignorable(b).map(|w| w.1)))
+        .then_with(|| {
+            non_ignorable(a)
+                .map(|w| w.1)
+                .cmp(non_ignorable(b).map(|w| w.1))
+        })
         .then_with(|| a.cmp(b))
 }
 
@@ -383,7 +391,10 @@ mod tests {
     fn js_strings() {
         let mut s = String::new();
         write_js_string("a\"b\\c/\u{8}\u{c}\n\r\t\u{1}\u{1f}\u{7f}é\u{2028}", &mut s);
-        assert_eq!(s, "\"a\\\"b\\\\c/\\b\\f\\n\\r\\t\\u0001\\u001f\u{7f}é\u{2028}\"");
+        assert_eq!(
+            s,
+            "\"a\\\"b\\\\c/\\b\\f\\n\\r\\t\\u0001\\u001f\u{7f}é\u{2028}\""
+        );
     }
 
     #[test]
@@ -407,18 +418,30 @@ mod tests {
         let order = " _-,;:!?.'\"()[]{}@*/\\&#%`^+<=>|~$0123456789aAbBcCxXyYzZ";
         let chars: Vec<String> = order.chars().map(String::from).collect();
         for w in chars.windows(2) {
-            assert_eq!(collate(&w[0], &w[1]), Ordering::Less, "{:?} < {:?}", w[0], w[1]);
+            assert_eq!(
+                collate(&w[0], &w[1]),
+                Ordering::Less,
+                "{:?} < {:?}",
+                w[0],
+                w[1]
+            );
         }
     }
 
     #[test]
     fn multi_level() {
         let sorted = [
-            "", "_x", "a", "a:b", "A1", "ab", "aB", "Ab", "AB", "abc", "apply", "b", "Bash",
-            "x_y", "x-y", "xY", "z", "é",
+            "", "_x", "a", "a:b", "A1", "ab", "aB", "Ab", "AB", "abc", "apply", "b", "Bash", "x_y",
+            "x-y", "xY", "z", "é",
         ];
         for w in sorted.windows(2) {
-            assert_eq!(collate(w[0], w[1]), Ordering::Less, "{:?} < {:?}", w[0], w[1]);
+            assert_eq!(
+                collate(w[0], w[1]),
+                Ordering::Less,
+                "{:?} < {:?}",
+                w[0],
+                w[1]
+            );
             assert_eq!(collate(w[1], w[0]), Ordering::Greater);
         }
         // Primary difference beats an earlier case difference.
