@@ -313,3 +313,62 @@ fn handshake_captured_frames() {
         s(&h2, "/m")
     ));
 }
+
+// ---------------------------------------------------------------------------------------------
+// JIT
+
+use codemantle_protocol::jit::{self, EnvAllowlist, JitClaims, JitCredential};
+
+#[test]
+fn jit_token() {
+    let v = vectors();
+    let key = s(&v, "/jit/key").as_bytes();
+    let payload_text = s(&v, "/jit/payload_json");
+    let want = s(&v, "/jit/token");
+    let claims: JitClaims = serde_json::from_str(payload_text).unwrap();
+    assert_eq!(jit::payload_json(&claims), payload_text);
+    assert_eq!(jit::mint(key, &claims).unwrap(), want);
+    let now = claims.expires_at_ms - 900_000;
+    assert_eq!(jit::verify(key, want, now), Ok(claims.clone()));
+    assert!(matches!(
+        jit::verify(key, want, claims.expires_at_ms),
+        Err(jit::JitError::Expired { .. })
+    ));
+    assert_eq!(
+        jit::verify(b"wrong-key", want, now),
+        Err(jit::JitError::BadSignature)
+    );
+}
+
+/// The `j` object of the captured `si` frame passes the daemon's checks at capture time, and its
+/// token carries the frame's device, session and expiry.
+#[test]
+fn jit_captured_si_frame() {
+    let v = vectors();
+    let frames = v.pointer("/frames").unwrap().as_array().unwrap();
+    let si = frames
+        .iter()
+        .map(|f| serde_json::from_str::<Value>(f["json"].as_str().unwrap()).unwrap())
+        .find(|f| f["t"] == "si")
+        .expect("a captured si frame");
+    let j = &si["j"];
+    let cred = JitCredential {
+        token: s(j, "/t").to_owned(),
+        expires_at_ms: u(j, "/e"),
+        scope: Some(s(j, "/s").to_owned()),
+        env_name: Some(s(j, "/n").to_owned()),
+        credential_ref: Some(s(j, "/r").to_owned()),
+        env_pairs: vec![],
+    };
+    // Default TTL is 900 s; the session started a moment after the handshake.
+    let now = cred.expires_at_ms - 900_000;
+    cred.check_usable(now, &EnvAllowlist::default()).unwrap();
+    let claims = jit::decode_unverified(&cred.token).unwrap();
+    assert_eq!(
+        claims.device_id,
+        s(&v, "/frames/0/json").split('"').nth(9).unwrap()
+    );
+    assert_eq!(claims.session_id, s(&si, "/s"));
+    assert_eq!(claims.expires_at_ms, cred.expires_at_ms);
+    assert_eq!(claims.scope, cred.scope.unwrap());
+}
