@@ -5,3 +5,26 @@
 //! policy and the append-only event log. Its embedded store (sled) needs no external service.
 //!
 //! It must never reach a host except through that host's daemon and its guards.
+//!
+//! Map:
+//! - [`store`]: the [`store::Store`] trait (all persistence; no storage types leak out) and the
+//!   embedded sled backend. Every change and its event commit together.
+//! - [`events`]: the event log's types, the live [`events::EventBus`], command records.
+//! - [`auth`]: turning a request into a [`auth::Principal`] (tenant, role, actor); roles.
+//! - [`presence`]: which devices are connected right now (filled by the tunnel).
+//! - [`metrics`]: counters and histograms, rendered for Prometheus.
+//! - [`api`]: the HTTP server (hyper on smol), routes, errors, idempotency, SSE, OpenAPI, and the
+//!   `/ws` seam the tunnel plugs into.
+//! - [`client`]: a minimal HTTP/1.1 client (the `codemantle` CLI and tests use it).
+//! - [`config`]: TOML file + `CODEMANTLE_*` env + flags.
+//! - [`admin`]: local admin operations on a stopped server's data dir.
+//! - [`secrets`], [`semver`], [`time`]: small helpers.
+
+pub mod auth;
+pub mod events;
+pub mod metrics;
+pub mod presence;
+pub mod secrets;
+pub mod semver;
+pub mod store;
+pub mod time;

@@ -1,0 +1,213 @@
+//! Persistence: the [`Store`] trait and its backends.
+//!
+//! Handlers and the tunnel talk to `dyn Store` only; no storage type appears in this trait, so
+//! a Postgres backend can follow the embedded [`sled`](self::sled) one without touching callers.
+//!
+//! Rules every backend keeps:
+//! - **Atomic change + event.** Each mutating method writes the entity change and its event in
+//!   one transaction and returns the committed [`Event`]; the backend publishes it to the live
+//!   bus after commit, in sequence order.
+//! - **Tenant scoping.** Accessors that take a [`TenantId`] return `None`/`NotFound` for a
+//!   resource of another tenant, exactly as for a missing one. The only unscoped lookups are the
+//!   credential lookups the tunnel needs before it knows the tenant ([`Store::device_credential`],
+//!   [`Store::legacy_token`]) and [`Store::api_token`] for authentication.
+//! - **Sync methods.** They may block on disk; from async code call them through
+//!   `smol::unblock` when the call can be slow (scans, writes).
+
+pub mod model;
+pub mod sled;
+
+use serde_json::Value;
+
+use crate::events::{Event, EventDraft};
+pub use model::*;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The tenant-scoped resource does not exist (or belongs to another tenant).
+    #[error("{what} not found")]
+    NotFound { what: &'static str },
+    /// A resource with this identity already exists (ids are never reused).
+    #[error("{what} already exists")]
+    AlreadyExists { what: &'static str },
+    /// The change is not allowed in the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The backend failed (disk, corruption, lock). The message names the data dir if relevant.
+    #[error("store failure: {0}")]
+    Backend(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The control plane's persistent state. Object-safe; shared as `Arc<dyn Store>`.
+pub trait Store: Send + Sync + 'static {
+    // ---- health -------------------------------------------------------------------------
+
+    /// Writes and reads back a probe key; `Err` means the store cannot serve requests.
+    fn probe(&self) -> StoreResult<()>;
+
+    /// Flushes buffered writes to disk (on shutdown, after local admin commands).
+    fn flush(&self) -> StoreResult<()>;
+
+    // ---- tenants ------------------------------------------------------------------------
+
+    /// Creates a tenant (`AlreadyExists` if the id is taken). Event: `tenant.created`.
+    fn create_tenant(&self, tenant: &Tenant, actor: &str) -> StoreResult<Event>;
+    fn tenant(&self, id: &TenantId) -> StoreResult<Option<Tenant>>;
+    fn tenants(&self) -> StoreResult<Vec<Tenant>>;
+
+    // ---- API tokens ---------------------------------------------------------------------
+
+    /// Stores a new token (`NotFound` if its tenant does not exist). Event: `token.created`.
+    fn create_api_token(&self, token: &ApiToken, actor: &str) -> StoreResult<Event>;
+    /// Unscoped lookup by token id, for authentication only.
+    fn api_token(&self, id: &str) -> StoreResult<Option<ApiToken>>;
+    /// Tokens of a tenant, oldest first.
+    fn api_tokens(&self, tenant: &TenantId) -> StoreResult<Vec<ApiToken>>;
+    /// Marks a token revoked. `Ok(None)` if it already was (nothing written).
+    /// Event: `token.revoked`.
+    fn revoke_api_token(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        actor: &str,
+        at_ms: u64,
+    ) -> StoreResult<Option<(ApiToken, Event)>>;
+
+    // ---- devices ------------------------------------------------------------------------
+
+    /// Registers a device (`AlreadyExists` if the id is taken in any tenant, `NotFound` if the
+    /// tenant does not exist). Event: `device.added`.
+    fn create_device(&self, device: &Device, actor: &str) -> StoreResult<Event>;
+    fn device(&self, tenant: &TenantId, id: &str) -> StoreResult<Option<Device>>;
+    /// Devices of a tenant, ordered by id.
+    fn devices(&self, tenant: &TenantId) -> StoreResult<Vec<Device>>;
+    /// Removes a device; its credential stops working at once. Event: `device.removed`.
+    fn remove_device(&self, tenant: &TenantId, id: &str, actor: &str) -> StoreResult<Event>;
+    /// **Tunnel only**: the handshake credential of a device id, whatever its tenant.
+    fn device_credential(&self, device_id: &str) -> StoreResult<Option<DeviceCredential>>;
+    /// **Tunnel only**: records a successful handshake (first/last seen, agent version, host
+    /// facts). `NotFound` if the device was removed meanwhile. Event: `device.connected`.
+    fn device_connected(&self, device_id: &str, info: &ConnectInfo) -> StoreResult<Event>;
+    /// **Tunnel only**: records the end of a connection (last seen). Event: `device.disconnected`
+    /// with `reason` in its detail.
+    fn device_disconnected(&self, device_id: &str, at_ms: u64, reason: &str) -> StoreResult<Event>;
+
+    // ---- legacy shared tokens (0.1.x VALID_TOKENS) --------------------------------------
+
+    /// Event: `legacy_token.added` (detail has the key id, never the token).
+    fn add_legacy_token(&self, token: &LegacyToken, actor: &str) -> StoreResult<Event>;
+    /// **Tunnel only**: unscoped lookup by key id (`ak`).
+    fn legacy_token(&self, key_id: &str) -> StoreResult<Option<LegacyToken>>;
+    /// **Tunnel only**: every unrevoked legacy token, for handshakes that send the raw token
+    /// (`at`) instead of a key id.
+    fn active_legacy_tokens(&self) -> StoreResult<Vec<LegacyToken>>;
+    fn legacy_tokens(&self, tenant: &TenantId) -> StoreResult<Vec<LegacyToken>>;
+    /// Event: `legacy_token.revoked`; `Ok(None)` if it already was revoked.
+    fn revoke_legacy_token(
+        &self,
+        tenant: &TenantId,
+        key_id: &str,
+        actor: &str,
+        at_ms: u64,
+    ) -> StoreResult<Option<Event>>;
+
+    // ---- templates and MCP registry ------------------------------------------------------
+
+    /// Publishes an immutable template version (`AlreadyExists` if that version exists).
+    /// The caller validates the id and that `version` is semver. Event: `template.published`.
+    fn publish_template(&self, template: &TemplateVersion, actor: &str) -> StoreResult<Event>;
+    fn template_version(
+        &self,
+        tenant: &TenantId,
+        template_id: &str,
+        version: &str,
+    ) -> StoreResult<Option<TemplateVersion>>;
+    /// All versions of one template, ascending by semver (non-semver versions first, by string).
+    fn template_versions(
+        &self,
+        tenant: &TenantId,
+        template_id: &str,
+    ) -> StoreResult<Vec<TemplateVersion>>;
+    /// Every version of every template of a tenant, by id then semver.
+    fn templates(&self, tenant: &TenantId) -> StoreResult<Vec<TemplateVersion>>;
+    /// The highest version by semver precedence.
+    fn latest_template(
+        &self,
+        tenant: &TenantId,
+        template_id: &str,
+    ) -> StoreResult<Option<TemplateVersion>> {
+        Ok(self.template_versions(tenant, template_id)?.pop())
+    }
+
+    /// Creates or replaces `serverId@version`. Event: `mcp.saved`.
+    fn put_mcp_entry(&self, entry: &McpEntry, actor: &str) -> StoreResult<Event>;
+    fn mcp_entry(
+        &self,
+        tenant: &TenantId,
+        server_id: &str,
+        version: &str,
+    ) -> StoreResult<Option<McpEntry>>;
+    fn mcp_entries(&self, tenant: &TenantId) -> StoreResult<Vec<McpEntry>>;
+
+    // ---- sessions -----------------------------------------------------------------------
+
+    /// Creates or updates session metadata. Event: `session.updated` (state in detail).
+    fn put_session(&self, session: &SessionRecord, actor: &str) -> StoreResult<Event>;
+    fn session(&self, tenant: &TenantId, session_id: &str) -> StoreResult<Option<SessionRecord>>;
+    /// Sessions of a tenant, optionally of one device.
+    fn sessions(
+        &self,
+        tenant: &TenantId,
+        device_id: Option<&str>,
+    ) -> StoreResult<Vec<SessionRecord>>;
+
+    // ---- policy -------------------------------------------------------------------------
+
+    /// Replaces the tenant's policy snapshot. Event: `policy.updated`.
+    fn put_policy(
+        &self,
+        tenant: &TenantId,
+        body: &Value,
+        actor: &str,
+        at_ms: u64,
+    ) -> StoreResult<Event>;
+    fn policy(&self, tenant: &TenantId) -> StoreResult<Option<PolicySnapshot>>;
+
+    // ---- idempotency --------------------------------------------------------------------
+
+    /// Atomically claims `(tenant, key)` for a request with `fingerprint`, or reports what the
+    /// first request with that key did. An expired record is replaced.
+    fn idempotency_claim(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        fingerprint: &str,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> StoreResult<IdempotencyClaim>;
+    /// Stores the response of a claimed key, for replay until expiry.
+    fn idempotency_complete(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        response: &StoredResponse,
+    ) -> StoreResult<()>;
+    /// Releases a claimed key without a stored response (the request may be retried).
+    fn idempotency_release(&self, tenant: &TenantId, key: &str) -> StoreResult<()>;
+    /// Deletes expired records; returns how many.
+    fn idempotency_purge(&self, now_ms: u64) -> StoreResult<usize>;
+
+    // ---- events -------------------------------------------------------------------------
+
+    /// Appends an event that has no entity change of its own (commands, ...).
+    fn append_event(&self, draft: EventDraft) -> StoreResult<Event>;
+    /// Events of a tenant with `seq > after`, ascending, at most `limit`.
+    fn events(&self, tenant: &TenantId, after: u64, limit: usize) -> StoreResult<Vec<Event>>;
+    /// The highest sequence number ever assigned (0 if none).
+    fn last_event_seq(&self) -> StoreResult<u64>;
+    /// Live events committed from now on (see [`crate::events::EventBus::subscribe`]).
+    fn subscribe(&self, tenant: Option<TenantId>) -> async_channel::Receiver<Event>;
+}

@@ -1,0 +1,930 @@
+//! The embedded store: sled under `--data-dir`.
+//!
+//! Layout (one sled tree per entity; keys are UTF-8 ids joined by NUL, which ids never contain;
+//! values are JSON so the data stays inspectable and the schema can grow with serde defaults):
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `meta` | `event_seq`, `schema`, `probe` | u64 BE / bytes |
+//! | `tenants` | tenant | [`Tenant`] |
+//! | `api_tokens` | token id | [`ApiToken`] |
+//! | `devices` | device id | [`Device`] |
+//! | `devices_by_tenant` | tenant NUL device id | empty (index) |
+//! | `legacy_tokens` | key id | [`LegacyToken`] |
+//! | `templates` | tenant NUL template id NUL version | [`TemplateVersion`] |
+//! | `mcp` | tenant NUL server id NUL version | [`McpEntry`] |
+//! | `sessions` | tenant NUL session id | [`SessionRecord`] |
+//! | `policies` | tenant | [`PolicySnapshot`] |
+//! | `idempotency` | tenant NUL key | [`IdempotencyRecord`] |
+//! | `events` | tenant NUL seq (u64 BE) | [`Event`] |
+//!
+//! Every mutation runs in one sled transaction over the entity trees plus `meta` (the sequence
+//! counter) and `events`, under a process-wide writer lock so that sequence numbers are
+//! published to the live bus in commit order. Entity changes are flushed to disk before the
+//! call returns (a secret shown once must not be lost to a crash); plain event appends
+//! (commands, connects) ride sled's periodic flush (every 500 ms) to keep the hot path cheap.
+//!
+//! The data dir holds raw device secrets (HMAC keys): it is created 0700, and an existing one
+//! with group/other access is tightened to 0700 with a warning.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use ::sled::{Db, Transactional, Tree};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::events::{EventBus, kind};
+use crate::semver::Version;
+
+const SCHEMA_VERSION: &[u8] = b"1";
+const KEY_EVENT_SEQ: &[u8] = b"event_seq";
+
+type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
+
+/// The sled-backed [`Store`].
+pub struct SledStore {
+    db: Db,
+    path: PathBuf,
+    meta: Tree,
+    tenants: Tree,
+    api_tokens: Tree,
+    devices: Tree,
+    devices_by_tenant: Tree,
+    legacy_tokens: Tree,
+    templates: Tree,
+    mcp: Tree,
+    sessions: Tree,
+    policies: Tree,
+    idempotency: Tree,
+    events: Tree,
+    bus: EventBus,
+    /// Serialises writers so seq order == commit order == publish order.
+    writer: Mutex<()>,
+}
+
+impl SledStore {
+    /// Opens (creating if needed) the store in `dir`. Fails with an operator-readable message
+    /// if the dir cannot be created or another process holds it.
+    pub fn open(dir: &Path) -> StoreResult<SledStore> {
+        prepare_data_dir(dir)?;
+        let db = ::sled::Config::new()
+            .path(dir.join("sled"))
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| open_error(dir, e))?;
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| StoreError::Backend(format!("opening tree {name}: {e}")))
+        };
+        let store = SledStore {
+            meta: tree("meta")?,
+            tenants: tree("tenants")?,
+            api_tokens: tree("api_tokens")?,
+            devices: tree("devices")?,
+            devices_by_tenant: tree("devices_by_tenant")?,
+            legacy_tokens: tree("legacy_tokens")?,
+            templates: tree("templates")?,
+            mcp: tree("mcp")?,
+            sessions: tree("sessions")?,
+            policies: tree("policies")?,
+            idempotency: tree("idempotency")?,
+            events: tree("events")?,
+            db,
+            path: dir.to_owned(),
+            bus: EventBus::default(),
+            writer: Mutex::new(()),
+        };
+        match store.meta.get(b"schema").map_err(backend)? {
+            None => {
+                store
+                    .meta
+                    .insert(b"schema", SCHEMA_VERSION)
+                    .map_err(backend)?;
+            }
+            Some(v) if v.as_ref() == SCHEMA_VERSION => {}
+            Some(v) => {
+                return Err(StoreError::Backend(format!(
+                    "{} holds store schema {:?}, this build understands {:?}: use the matching \
+                     codemantle-control-plane version",
+                    dir.display(),
+                    String::from_utf8_lossy(&v),
+                    String::from_utf8_lossy(SCHEMA_VERSION)
+                )));
+            }
+        }
+        Ok(store)
+    }
+
+    /// The data dir this store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `change` and the events it returns in one transaction over `trees` + meta + events,
+    /// then (after commit) flushes if `durable` and publishes the events.
+    fn write<T>(
+        &self,
+        trees: &[&Tree],
+        durable: bool,
+        change: impl Fn(&[TransactionalTree]) -> TxResult<(T, Vec<EventDraft>)>,
+    ) -> StoreResult<(T, Vec<Event>)> {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<&Tree> = vec![&self.meta, &self.events];
+        all.extend_from_slice(trees);
+        let (value, events) = all
+            .as_slice()
+            .transaction(|views| {
+                let (meta, events_tree) = (&views[0], &views[1]);
+                let (value, drafts) = change(&views[2..])?;
+                let mut seq = match meta.get(KEY_EVENT_SEQ)? {
+                    Some(v) => decode_seq(&v).map_err(ConflictableTransactionError::Abort)?,
+                    None => 0,
+                };
+                let mut events = Vec::with_capacity(drafts.len());
+                for draft in drafts {
+                    seq += 1;
+                    let event = draft.into_event(seq);
+                    events_tree.insert(event_key(&event.tenant, seq), encode_tx(&event)?)?;
+                    events.push(event);
+                }
+                meta.insert(KEY_EVENT_SEQ, &seq.to_be_bytes())?;
+                Ok((value, events))
+            })
+            .map_err(tx_error)?;
+        if durable {
+            self.db.flush().map_err(backend)?;
+        }
+        for event in &events {
+            self.bus.publish(event);
+        }
+        Ok((value, events))
+    }
+
+    /// [`Self::write`] for the common case of exactly one event.
+    fn write_one<T>(
+        &self,
+        trees: &[&Tree],
+        change: impl Fn(&[TransactionalTree]) -> TxResult<(T, EventDraft)>,
+    ) -> StoreResult<(T, Event)> {
+        let (value, mut events) = self.write(trees, true, |views| {
+            change(views).map(|(v, d)| (v, vec![d]))
+        })?;
+        let event = events
+            .pop()
+            .ok_or_else(|| StoreError::Backend("event missing after commit".into()))?;
+        Ok((value, event))
+    }
+
+    fn get_json<T: DeserializeOwned>(&self, tree: &Tree, key: &[u8]) -> StoreResult<Option<T>> {
+        tree.get(key)
+            .map_err(backend)?
+            .map(|v| decode(&v))
+            .transpose()
+    }
+
+    fn scan_json<T: DeserializeOwned>(&self, tree: &Tree, prefix: &[u8]) -> StoreResult<Vec<T>> {
+        tree.scan_prefix(prefix)
+            .map(|kv| kv.map_err(backend).and_then(|(_, v)| decode(&v)))
+            .collect()
+    }
+
+    fn device_unscoped(&self, id: &str) -> StoreResult<Option<Device>> {
+        self.get_json(&self.devices, id.as_bytes())
+    }
+
+    /// Shared body of connect/disconnect: update the device and log the event atomically.
+    fn touch_device(
+        &self,
+        device_id: &str,
+        update: impl Fn(&mut Device),
+        kind_: &str,
+        at_ms: u64,
+        detail: impl Fn(&Device) -> Value,
+    ) -> StoreResult<Event> {
+        let (_, event) = self.write_one(&[&self.devices], |v| {
+            let devices = &v[0];
+            let Some(raw) = devices.get(device_id.as_bytes())? else {
+                return abort(StoreError::NotFound { what: "device" });
+            };
+            let mut device: Device = decode_tx(&raw)?;
+            update(&mut device);
+            devices.insert(device_id.as_bytes(), encode_tx(&device)?)?;
+            let draft = EventDraft::new(
+                &device.tenant,
+                at_ms,
+                crate::events::ACTOR_SYSTEM,
+                kind_,
+                detail(&device),
+            );
+            Ok(((), draft))
+        })?;
+        Ok(event)
+    }
+}
+
+impl Store for SledStore {
+    fn probe(&self) -> StoreResult<()> {
+        let stamp = crate::time::now_ms().to_be_bytes();
+        self.meta.insert(b"probe", &stamp).map_err(backend)?;
+        match self.meta.get(b"probe").map_err(backend)? {
+            Some(v) if v.as_ref() == stamp => Ok(()),
+            _ => Err(StoreError::Backend(
+                "probe read back a different value".into(),
+            )),
+        }
+    }
+
+    fn flush(&self) -> StoreResult<()> {
+        self.db.flush().map(|_| ()).map_err(backend)
+    }
+
+    fn create_tenant(&self, tenant: &Tenant, actor: &str) -> StoreResult<Event> {
+        let (_, event) = self.write_one(&[&self.tenants], |v| {
+            let key = tenant.id.as_str().as_bytes();
+            if v[0].get(key)?.is_some() {
+                return abort(StoreError::AlreadyExists { what: "tenant" });
+            }
+            v[0].insert(key, encode_tx(tenant)?)?;
+            let detail = json!({ "tenant": tenant.id, "name": tenant.name });
+            let draft = EventDraft::new(
+                &tenant.id,
+                tenant.created_ms,
+                actor,
+                kind::TENANT_CREATED,
+                detail,
+            );
+            Ok(((), draft))
+        })?;
+        Ok(event)
+    }
+
+    fn tenant(&self, id: &TenantId) -> StoreResult<Option<Tenant>> {
+        self.get_json(&self.tenants, id.as_str().as_bytes())
+    }
+
+    fn tenants(&self) -> StoreResult<Vec<Tenant>> {
+        self.scan_json(&self.tenants, b"")
+    }
+
+    fn create_api_token(&self, token: &ApiToken, actor: &str) -> StoreResult<Event> {
+        let (_, event) = self.write_one(&[&self.tenants, &self.api_tokens], |v| {
+            if v[0].get(token.tenant.as_str().as_bytes())?.is_none() {
+                return abort(StoreError::NotFound { what: "tenant" });
+            }
+            if v[1].get(token.id.as_bytes())?.is_some() {
+                return abort(StoreError::AlreadyExists { what: "token" });
+            }
+            v[1].insert(token.id.as_bytes(), encode_tx(token)?)?;
+            let detail = json!({ "token": token.id, "name": token.name, "role": token.role });
+            let draft = EventDraft::new(
+                &token.tenant,
+                token.created_ms,
+                actor,
+                kind::TOKEN_CREATED,
+                detail,
+            );
+            Ok(((), draft))
+        })?;
+        Ok(event)
+    }
+
+    fn api_token(&self, id: &str) -> StoreResult<Option<ApiToken>> {
+        self.get_json(&self.api_tokens, id.as_bytes())
+    }
+
+    fn api_tokens(&self, tenant: &TenantId) -> StoreResult<Vec<ApiToken>> {
+        let mut tokens: Vec<ApiToken> = self
+            .scan_json::<ApiToken>(&self.api_tokens, b"")?
+            .into_iter()
+            .filter(|t| t.tenant == *tenant)
+            .collect();
+        tokens.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
+        Ok(tokens)
+    }
+
+    fn revoke_api_token(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        actor: &str,
+        at_ms: u64,
+    ) -> StoreResult<Option<(ApiToken, Event)>> {
+        let (token, events) = self.write(&[&self.api_tokens], true, |v| {
+            let Some(raw) = v[0].get(id.as_bytes())? else {
+                return abort(StoreError::NotFound { what: "token" });
+            };
+            let mut token: ApiToken = decode_tx(&raw)?;
+            if token.tenant != *tenant {
+                return abort(StoreError::NotFound { what: "token" });
+            }
+            if token.revoked {
+                return Ok((token, vec![]));
+            }
+            token.revoked = true;
+            token.revoked_ms = Some(at_ms);
+            v[0].insert(id.as_bytes(), encode_tx(&token)?)?;
+            let detail = json!({ "token": token.id, "name": token.name, "role": token.role });
+            let draft = EventDraft::new(tenant, at_ms, actor, kind::TOKEN_REVOKED, detail);
+            Ok((token, vec![draft]))
+        })?;
+        Ok(events.into_iter().next().map(|e| (token, e)))
+    }
+
+    fn create_device(&self, device: &Device, actor: &str) -> StoreResult<Event> {
+        let trees = [&self.tenants, &self.devices, &self.devices_by_tenant];
+        let (_, event) = self.write_one(&trees, |v| {
+            if v[0].get(device.tenant.as_str().as_bytes())?.is_none() {
+                return abort(StoreError::NotFound { what: "tenant" });
+            }
+            if v[1].get(device.id.as_bytes())?.is_some() {
+                return abort(StoreError::AlreadyExists { what: "device" });
+            }
+            v[1].insert(device.id.as_bytes(), encode_tx(device)?)?;
+            v[2].insert(pair_key(device.tenant.as_str(), &device.id), &[])?;
+            let detail = json!({
+                "device": device.id,
+                "name": device.name,
+                "labels": device.labels,
+            });
+            let draft = EventDraft::new(
+                &device.tenant,
+                device.created_ms,
+                actor,
+                kind::DEVICE_ADDED,
+                detail,
+            );
+            Ok(((), draft))
+        })?;
+        Ok(event)
+    }
+
+    fn device(&self, tenant: &TenantId, id: &str) -> StoreResult<Option<Device>> {
+        Ok(self.device_unscoped(id)?.filter(|d| d.tenant == *tenant))
+    }
+
+    fn devices(&self, tenant: &TenantId) -> StoreResult<Vec<Device>> {
+        let prefix = pair_key(tenant.as_str(), "");
+        let mut out = Vec::new();
+        for kv in self.devices_by_tenant.scan_prefix(&prefix) {
+            let (k, _) = kv.map_err(backend)?;
+            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            // The index and the record are written in one transaction, but a plain read may
+            // land between the two trees; a device mid-removal is simply skipped.
+            if let Some(d) = self.device(tenant, &id)? {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove_device(&self, tenant: &TenantId, id: &str, actor: &str) -> StoreResult<Event> {
+        let (_, event) = self.write_one(&[&self.devices, &self.devices_by_tenant], |v| {
+            let Some(raw) = v[0].get(id.as_bytes())? else {
+                return abort(StoreError::NotFound { what: "device" });
+            };
+            let device: Device = decode_tx(&raw)?;
+            if device.tenant != *tenant {
+                return abort(StoreError::NotFound { what: "device" });
+            }
+            v[0].remove(id.as_bytes())?;
+            v[1].remove(pair_key(tenant.as_str(), id))?;
+            let detail = json!({ "device": id, "name": device.name });
+            let draft = EventDraft::new(
+                tenant,
+                crate::time::now_ms(),
+                actor,
+                kind::DEVICE_REMOVED,
+                detail,
+            );
+            Ok(((), draft))
+        })?;
+        Ok(event)
+    }
+
+    fn device_credential(&self, device_id: &str) -> StoreResult<Option<DeviceCredential>> {
+        Ok(self.device_unscoped(device_id)?.map(|d| DeviceCredential {
+            device_id: d.id,
+            tenant: d.tenant,
+            key_id: d.key_id,
+            secret: d.secret,
+        }))
+    }
+
+    fn device_connected(&self, device_id: &str, info: &ConnectInfo) -> StoreResult<Event> {
+        self.touch_device(
+            device_id,
+            |d| {
+                d.first_seen_ms.get_or_insert(info.at_ms);
+                d.last_seen_ms = Some(info.at_ms);
+                if info.agent_version.is_some() {
+                    d.agent_version.clone_from(&info.agent_version);
+                }
+                let h = &info.host;
+                if h.hostname.is_some() || h.os.is_some() || h.arch.is_some() {
+                    d.host = h.clone();
+                }
+            },
+            kind::DEVICE_CONNECTED,
+            info.at_ms,
+            |d| {
+                json!({
+                    "device": d.id,
+                    "agent_version": d.agent_version,
+                    "host": d.host,
+                    "peer": info.peer,
+                    "mode": info.mode,
+                })
+            },
+        )
+    }
+
+    fn device_disconnected(&self, device_id: &str, at_ms: u64, reason: &str) -> StoreResult<Event> {
+        self.touch_device(
+            device_id,
+            |d| d.last_seen_ms = Some(at_ms),
+            kind::DEVICE_DISCONNECTED,
+            at_ms,
+            |d| json!({ "device": d.id, "reason": reason }),
+        )
+    }
+
+    fn add_legacy_token(&self, token: &LegacyToken, actor: &str) -> StoreResult<Event> {
+        let (_, event) = self.write_one(&[&self.tenants, &self.legacy_tokens], |v| {
+            if v[0].get(token.tenant.as_str().as_bytes())?.is_none() {
+                return abort(StoreError::NotFound { what: "tenant" });
+            }
+            if v[1].get(token.key_id.as_bytes())?.is_some() {
+                return abort(StoreError::AlreadyExists {
+                    what: "legacy token",
+                });
+            }
+            v[1].insert(token.key_id.as_bytes(), encode_tx(token)?)?;
+            let detail = json!({ "key_id": token.key_id, "devices": token.devices });
+            let draft = EventDraft::new(
+                &token.tenant,
+                token.created_ms,
+                actor,
+                kind::LEGACY_TOKEN_ADDED,
+                detail,
+            );
+            Ok(((), draft))
+        })?;
+        Ok(event)
+    }
+
+    fn legacy_token(&self, key_id: &str) -> StoreResult<Option<LegacyToken>> {
+        self.get_json(&self.legacy_tokens, key_id.as_bytes())
+    }
+
+    fn active_legacy_tokens(&self) -> StoreResult<Vec<LegacyToken>> {
+        let all: Vec<LegacyToken> = self.scan_json(&self.legacy_tokens, b"")?;
+        Ok(all.into_iter().filter(|t| !t.revoked).collect())
+    }
+
+    fn legacy_tokens(&self, tenant: &TenantId) -> StoreResult<Vec<LegacyToken>> {
+        let all: Vec<LegacyToken> = self.scan_json(&self.legacy_tokens, b"")?;
+        Ok(all.into_iter().filter(|t| t.tenant == *tenant).collect())
+    }
+
+    fn revoke_legacy_token(
+        &self,
+        tenant: &TenantId,
+        key_id: &str,
+        actor: &str,
+        at_ms: u64,
+    ) -> StoreResult<Option<Event>> {
+        let (_, events) = self.write(&[&self.legacy_tokens], true, |v| {
+            let Some(raw) = v[0].get(key_id.as_bytes())? else {
+                return abort(StoreError::NotFound {
+                    what: "legacy token",
+                });
+            };
+            let mut token: LegacyToken = decode_tx(&raw)?;
+            if token.tenant != *tenant {
+                return abort(StoreError::NotFound {
+                    what: "legacy token",
+                });
+            }
+            if token.revoked {
+                return Ok(((), vec![]));
+            }
+            token.revoked = true;
+            v[0].insert(key_id.as_bytes(), encode_tx(&token)?)?;
+            let detail = json!({ "key_id": key_id });
+            Ok((
+                (),
+                vec![EventDraft::new(
+                    tenant,
+                    at_ms,
+                    actor,
+                    kind::LEGACY_TOKEN_REVOKED,
+                    detail,
+                )],
+            ))
+        })?;
+        Ok(events.into_iter().next())
+    }
+
+    fn publish_template(&self, t: &TemplateVersion, actor: &str) -> StoreResult<Event> {
+        let key = triple_key(t.tenant.as_str(), &t.template_id, &t.version);
+        let (_, event) = self.write_one(&[&self.tenants, &self.templates], |v| {
+            if v[0].get(t.tenant.as_str().as_bytes())?.is_none() {
+                return abort(StoreError::NotFound { what: "tenant" });
+            }
+            if v[1].get(&key)?.is_some() {
+                return abort(StoreError::AlreadyExists {
+                    what: "template version",
+                });
+            }
+            v[1].insert(key.as_slice(), encode_tx(t)?)?;
+            let detail = json!({
+                "template": t.template_id,
+                "version": t.version,
+                "digest": t.digest,
+            });
+            let draft = EventDraft::new(
+                &t.tenant,
+                t.published_ms,
+                actor,
+                kind::TEMPLATE_PUBLISHED,
+                detail,
+            );
+            Ok(((), draft))
+        })?;
+        Ok(event)
+    }
+
+    fn template_version(
+        &self,
+        tenant: &TenantId,
+        template_id: &str,
+        version: &str,
+    ) -> StoreResult<Option<TemplateVersion>> {
+        self.get_json(
+            &self.templates,
+            &triple_key(tenant.as_str(), template_id, version),
+        )
+    }
+
+    fn template_versions(
+        &self,
+        tenant: &TenantId,
+        template_id: &str,
+    ) -> StoreResult<Vec<TemplateVersion>> {
+        let mut all: Vec<TemplateVersion> = self.scan_json(
+            &self.templates,
+            &triple_key(tenant.as_str(), template_id, ""),
+        )?;
+        all.sort_by(|a, b| semver_order(&a.version, &b.version));
+        Ok(all)
+    }
+
+    fn templates(&self, tenant: &TenantId) -> StoreResult<Vec<TemplateVersion>> {
+        let mut all: Vec<TemplateVersion> =
+            self.scan_json(&self.templates, &pair_key(tenant.as_str(), ""))?;
+        all.sort_by(|a, b| {
+            a.template_id
+                .cmp(&b.template_id)
+                .then_with(|| semver_order(&a.version, &b.version))
+        });
+        Ok(all)
+    }
+
+    fn put_mcp_entry(&self, entry: &McpEntry, actor: &str) -> StoreResult<Event> {
+        let key = triple_key(entry.tenant.as_str(), &entry.server_id, &entry.version);
+        let (_, event) = self.write_one(&[&self.tenants, &self.mcp], |v| {
+            if v[0].get(entry.tenant.as_str().as_bytes())?.is_none() {
+                return abort(StoreError::NotFound { what: "tenant" });
+            }
+            v[1].insert(key.as_slice(), encode_tx(entry)?)?;
+            let detail = json!({ "server": entry.server_id, "version": entry.version });
+            let draft = EventDraft::new(
+                &entry.tenant,
+                entry.updated_ms,
+                actor,
+                kind::MCP_ENTRY_SAVED,
+                detail,
+            );
+            Ok(((), draft))
+        })?;
+        Ok(event)
+    }
+
+    fn mcp_entry(
+        &self,
+        tenant: &TenantId,
+        server_id: &str,
+        version: &str,
+    ) -> StoreResult<Option<McpEntry>> {
+        self.get_json(&self.mcp, &triple_key(tenant.as_str(), server_id, version))
+    }
+
+    fn mcp_entries(&self, tenant: &TenantId) -> StoreResult<Vec<McpEntry>> {
+        self.scan_json(&self.mcp, &pair_key(tenant.as_str(), ""))
+    }
+
+    fn put_session(&self, s: &SessionRecord, actor: &str) -> StoreResult<Event> {
+        let key = pair_key(s.tenant.as_str(), &s.session_id);
+        let (_, event) = self.write_one(&[&self.sessions], |v| {
+            v[0].insert(key.as_slice(), encode_tx(s)?)?;
+            let detail = json!({
+                "session": s.session_id,
+                "device": s.device_id,
+                "folder": s.folder,
+                "state": s.state,
+            });
+            Ok((
+                (),
+                EventDraft::new(
+                    &s.tenant,
+                    s.updated_ms,
+                    actor,
+                    kind::SESSION_UPDATED,
+                    detail,
+                ),
+            ))
+        })?;
+        Ok(event)
+    }
+
+    fn session(&self, tenant: &TenantId, session_id: &str) -> StoreResult<Option<SessionRecord>> {
+        self.get_json(&self.sessions, &pair_key(tenant.as_str(), session_id))
+    }
+
+    fn sessions(
+        &self,
+        tenant: &TenantId,
+        device_id: Option<&str>,
+    ) -> StoreResult<Vec<SessionRecord>> {
+        let all: Vec<SessionRecord> =
+            self.scan_json(&self.sessions, &pair_key(tenant.as_str(), ""))?;
+        Ok(all
+            .into_iter()
+            .filter(|s| device_id.is_none_or(|d| s.device_id == d))
+            .collect())
+    }
+
+    fn put_policy(
+        &self,
+        tenant: &TenantId,
+        body: &Value,
+        actor: &str,
+        at_ms: u64,
+    ) -> StoreResult<Event> {
+        let snapshot = PolicySnapshot {
+            tenant: tenant.clone(),
+            body: body.clone(),
+            updated_ms: at_ms,
+            updated_by: actor.to_owned(),
+        };
+        let (_, event) = self.write_one(&[&self.tenants, &self.policies], |v| {
+            if v[0].get(tenant.as_str().as_bytes())?.is_none() {
+                return abort(StoreError::NotFound { what: "tenant" });
+            }
+            v[1].insert(tenant.as_str().as_bytes(), encode_tx(&snapshot)?)?;
+            Ok((
+                (),
+                EventDraft::new(tenant, at_ms, actor, kind::POLICY_UPDATED, json!({})),
+            ))
+        })?;
+        Ok(event)
+    }
+
+    fn policy(&self, tenant: &TenantId) -> StoreResult<Option<PolicySnapshot>> {
+        self.get_json(&self.policies, tenant.as_str().as_bytes())
+    }
+
+    fn idempotency_claim(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        fingerprint: &str,
+        now_ms: u64,
+        ttl_ms: u64,
+    ) -> StoreResult<IdempotencyClaim> {
+        let k = pair_key(tenant.as_str(), key);
+        let fresh = IdempotencyRecord {
+            tenant: tenant.clone(),
+            key: key.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            created_ms: now_ms,
+            expires_ms: now_ms.saturating_add(ttl_ms),
+            response: None,
+        };
+        let claim = self.idempotency
+            .transaction(|t| {
+                if let Some(raw) = t.get(&k)? {
+                    let old: IdempotencyRecord = decode_tx(&raw)?;
+                    if old.expires_ms > now_ms {
+                        return Ok(if old.fingerprint != fingerprint {
+                            IdempotencyClaim::Mismatch
+                        } else if let Some(r) = old.response {
+                            IdempotencyClaim::Replay(r)
+                        } else {
+                            IdempotencyClaim::InProgress
+                        });
+                    }
+                }
+                t.insert(k.as_slice(), encode_tx(&fresh)?)?;
+                Ok(IdempotencyClaim::Claimed)
+            })
+            .map_err(tx_error)?;
+        Ok(claim)
+    }
+
+    fn idempotency_complete(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        response: &StoredResponse,
+    ) -> StoreResult<()> {
+        let k = pair_key(tenant.as_str(), key);
+        self.idempotency
+            .transaction(|t| {
+                let Some(raw) = t.get(&k)? else {
+                    return abort(StoreError::NotFound {
+                        what: "idempotency record",
+                    });
+                };
+                let mut rec: IdempotencyRecord = decode_tx(&raw)?;
+                rec.response = Some(response.clone());
+                t.insert(k.as_slice(), encode_tx(&rec)?)?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.db.flush().map_err(backend)?;
+        Ok(())
+    }
+
+    fn idempotency_release(&self, tenant: &TenantId, key: &str) -> StoreResult<()> {
+        self.idempotency
+            .remove(pair_key(tenant.as_str(), key))
+            .map(|_| ())
+            .map_err(backend)
+    }
+
+    fn idempotency_purge(&self, now_ms: u64) -> StoreResult<usize> {
+        let mut purged = 0;
+        for kv in self.idempotency.iter() {
+            let (k, v) = kv.map_err(backend)?;
+            let rec: IdempotencyRecord = decode(&v)?;
+            if rec.expires_ms <= now_ms {
+                // Only delete what we read, so a concurrent fresh claim is kept.
+                let swapped = self
+                    .idempotency
+                    .compare_and_swap(&k, Some(v), None as Option<&[u8]>)
+                    .map_err(backend)?;
+                purged += usize::from(swapped.is_ok());
+            }
+        }
+        Ok(purged)
+    }
+
+    fn append_event(&self, draft: EventDraft) -> StoreResult<Event> {
+        let (_, mut events) = self.write(&[], false, |_| Ok(((), vec![draft.clone()])))?;
+        events
+            .pop()
+            .ok_or_else(|| StoreError::Backend("event missing after commit".into()))
+    }
+
+    fn events(&self, tenant: &TenantId, after: u64, limit: usize) -> StoreResult<Vec<Event>> {
+        let Some(first) = after.checked_add(1) else {
+            return Ok(vec![]);
+        };
+        let start = event_key(tenant, first);
+        let mut end = tenant.as_str().as_bytes().to_vec();
+        end.push(1); // just past every `tenant NUL ...` key
+        self.events
+            .range(start..end)
+            .take(limit)
+            .map(|kv| kv.map_err(backend).and_then(|(_, v)| decode(&v)))
+            .collect()
+    }
+
+    fn last_event_seq(&self) -> StoreResult<u64> {
+        match self.meta.get(KEY_EVENT_SEQ).map_err(backend)? {
+            Some(v) => decode_seq(&v),
+            None => Ok(0),
+        }
+    }
+
+    fn subscribe(&self, tenant: Option<TenantId>) -> async_channel::Receiver<Event> {
+        self.bus.subscribe(tenant)
+    }
+}
+
+/// Creates the data dir with mode 0700, or tightens an existing one.
+fn prepare_data_dir(dir: &Path) -> StoreResult<()> {
+    let io = |what: &str, e: std::io::Error| {
+        StoreError::Backend(format!(
+            "{what} data dir {}: {e}; pass --data-dir (or CODEMANTLE_DATA_DIR) pointing to a \
+             directory this user can create and write",
+            dir.display()
+        ))
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| io("cannot create", e))?;
+    let meta = std::fs::metadata(dir).map_err(|e| io("cannot inspect", e))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            "data dir was accessible to group/others; it holds device secrets, tightening to 0700"
+        );
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io("cannot chmod 0700", e))?;
+    }
+    Ok(())
+}
+
+fn open_error(dir: &Path, e: ::sled::Error) -> StoreError {
+    let msg = e.to_string();
+    if msg.contains("lock") || msg.contains("WouldBlock") || msg.contains("temporarily unavailable")
+    {
+        StoreError::Backend(format!(
+            "the data dir {} is in use by another process (a running server?): stop it before \
+             running local admin commands, or use the HTTP API / `codemantle` CLI instead ({msg})",
+            dir.display()
+        ))
+    } else {
+        StoreError::Backend(format!("cannot open the store in {}: {msg}", dir.display()))
+    }
+}
+
+fn pair_key(a: &str, b: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(a.len() + b.len() + 1);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+fn triple_key(a: &str, b: &str, c: &str) -> Vec<u8> {
+    let mut k = pair_key(a, b);
+    k.push(0);
+    k.extend_from_slice(c.as_bytes());
+    k
+}
+
+fn event_key(tenant: &TenantId, seq: u64) -> Vec<u8> {
+    let mut k = tenant.as_str().as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Semver precedence; versions that are not semver sort first, by string.
+fn semver_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match (Version::parse(a), Version::parse(b)) {
+        (Some(x), Some(y)) => x.cmp(&y).then_with(|| a.cmp(b)),
+        (None, Some(_)) => std::cmp::Ordering::Less,
+        (Some(_), None) => std::cmp::Ordering::Greater,
+        (None, None) => a.cmp(b),
+    }
+}
+
+fn decode_seq(v: &[u8]) -> StoreResult<u64> {
+    <[u8; 8]>::try_from(v)
+        .map(u64::from_be_bytes)
+        .map_err(|_| StoreError::Backend("corrupt event sequence counter".into()))
+}
+
+fn backend(e: ::sled::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn tx_error(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => backend(e),
+    }
+}
+
+fn abort<T>(e: StoreError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn decode<T: DeserializeOwned>(v: &[u8]) -> StoreResult<T> {
+    serde_json::from_slice(v).map_err(|e| {
+        StoreError::Backend(format!(
+            "corrupt record ({e}); restore the data dir from a backup"
+        ))
+    })
+}
+
+fn decode_tx<T: DeserializeOwned>(v: &[u8]) -> TxResult<T> {
+    decode(v).map_err(ConflictableTransactionError::Abort)
+}
+
+fn encode_tx<T: Serialize>(v: &T) -> TxResult<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| {
+        ConflictableTransactionError::Abort(StoreError::Backend(format!("encoding record: {e}")))
+    })
+}
