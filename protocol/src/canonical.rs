@@ -340,7 +340,7 @@ pub fn write_js_f64(x: f64, out: &mut String) {
             out.push_str(&digits[1..]);
         }
         out.push('e');
-        out.push(if n - 1 >= 0 { '+' } else { '-' });
+        out.push(if n >= 1 { '+' } else { '-' });
         let _ = write!(out, "{}", (n - 1).abs());
     }
 }
