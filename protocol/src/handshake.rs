@@ -39,6 +39,8 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::error::ErrorCode;
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// The only protocol version on the wire.
@@ -621,11 +623,13 @@ pub enum HandshakeError {
 
 impl HandshakeError {
     /// The `c` of the `e` frame sent before closing: `UPDATE_REQUIRED`, `PROTO` or `AUTH`.
-    pub fn wire_code(&self) -> &'static str {
+    pub fn wire_code(&self) -> ErrorCode {
         match self {
-            Self::UpdateRequired { .. } | Self::ProtocolNotSupported { .. } => "UPDATE_REQUIRED",
-            Self::Malformed(_) => "PROTO",
-            _ => "AUTH",
+            Self::UpdateRequired { .. } | Self::ProtocolNotSupported { .. } => {
+                ErrorCode::UpdateRequired
+            }
+            Self::Malformed(_) => ErrorCode::Proto,
+            _ => ErrorCode::Auth,
         }
     }
 

@@ -43,7 +43,7 @@ fn verify_at(v: &mut Verifier, h1: &H1Out, now: u64) -> Result<CredentialKind, H
 }
 
 fn auth(e: &HandshakeError, reason: &str) {
-    assert_eq!(e.wire_code(), "AUTH", "{e}");
+    assert_eq!(e.wire_code().as_str(), "AUTH", "{e}");
     assert_eq!(e.close_code(), 1008, "{e}");
     assert_eq!(e.close_reason(), reason, "{e}");
 }
@@ -220,7 +220,7 @@ fn version_floor_and_unsupported_version() {
     let mut frame = h1(SHARED_SECRET, DEVICE, "nonceNONCEnonce00011", NOW);
     frame.version = 0;
     let e = verify_at(&mut v, &frame, NOW).unwrap_err();
-    assert_eq!(e.wire_code(), "UPDATE_REQUIRED");
+    assert_eq!(e.wire_code().as_str(), "UPDATE_REQUIRED");
     assert_eq!(
         e.wire_message().as_deref(),
         Some("agent_update_required:min_v1:received_v0")
@@ -230,7 +230,7 @@ fn version_floor_and_unsupported_version() {
 
     frame.version = 2;
     let e = verify_at(&mut v, &frame, NOW).unwrap_err();
-    assert_eq!(e.wire_code(), "UPDATE_REQUIRED");
+    assert_eq!(e.wire_code().as_str(), "UPDATE_REQUIRED");
     assert_eq!(
         e.wire_message().as_deref(),
         Some("protocol_not_supported:control_plane_v1:received_v2")
@@ -363,7 +363,7 @@ fn malformed_fields_are_proto_errors() {
             HandshakeError::Malformed(fe) => assert_eq!(fe.field, field, "{e}"),
             other => panic!("expected malformed {field}, got {other}"),
         }
-        assert_eq!(e.wire_code(), "PROTO");
+        assert_eq!(e.wire_code().as_str(), "PROTO");
         assert_eq!(e.close_code(), 1002);
         assert_eq!(e.close_reason(), "expected handshake");
         assert_eq!(e.wire_message(), None);
