@@ -7,3 +7,18 @@
 //!
 //! It must never open an inbound port, run a command line from the wire, or let a path escape
 //! its root.
+//!
+//! Map:
+//! - [`config`]: `DaemonConfig` from TOML, `CODEMANTLE_*` env and flags; permission checks.
+//! - [`guard::path`]: roots as open directory fds; every path resolved beneath them by the kernel.
+//! - [`fs`]: list (sorted, paged), mkdir, rmdir (recursive by fd), rename (no-overwrite default).
+//! - [`journal`]: sled-backed offline state; idempotency outcomes that survive restarts.
+//! - [`backoff`]: sans-io reconnect delays with full jitter and an auth-rejected mode.
+//! - [`redact`]: secret-name patterns and redaction for logs and `Debug`.
+
+pub mod backoff;
+pub mod config;
+pub mod fs;
+pub mod guard;
+pub mod journal;
+pub mod redact;

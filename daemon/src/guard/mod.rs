@@ -1,0 +1,12 @@
+//! Guards: the only doors from the wire to the host.
+//!
+//! Every handler that touches the host goes through one of these. A guard takes what the wire
+//! asked for (a root alias and a relative path, a program and its arguments), checks it against
+//! the operator's configuration, and hands back a capability (an open directory fd, a spawned
+//! sandboxed child) that cannot reach further than the check allowed.
+//!
+//! - [`path`]: root-confined file access. Paths are resolved by the kernel *from an open root
+//!   directory fd* (`openat2` with `RESOLVE_BENEATH`), never by string checks on real paths, so
+//!   there is no window between "checked" and "used".
+
+pub mod path;
