@@ -144,12 +144,15 @@ pub enum DecodeError {
         why: &'static str,
     },
     /// A key appears twice in the same object.
-    #[error("`{t}`: duplicate key `{key}`")]
-    DuplicateKey { t: &'static str, key: String },
-    /// JSON compat mode only: a key that 0.1.50 would not accept for this type.
-    #[error("`{t}`: unknown key `{key}`")]
-    UnknownKey { t: &'static str, key: String },
-    /// Nesting deeper than the limit (free-form objects such as `cc.cfg`).
+    #[error("duplicate key `{key}`")]
+    DuplicateKey { key: String },
+    /// A message object has more keys than any message may have.
+    #[error("more than {max} keys in one object")]
+    TooManyKeys { max: usize },
+    /// The frame holds more values than the decoder will build.
+    #[error("more than {max} values in one frame")]
+    TooManyValues { max: usize },
+    /// Nesting deeper than the limit.
     #[error("nesting deeper than {max}")]
     TooDeep { max: usize },
     /// The JSON text is not well-formed JSON (or not UTF-8).
@@ -164,23 +167,17 @@ pub enum DecodeError {
 /// Why a [`crate::message::Message`] could not be encoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EncodeError {
-    /// The message has no JSON (0.1.x) representation: a native-only type.
-    #[error("`{t}` has no JSON compat form")]
-    NotInCompat { t: &'static str },
-    /// A value breaks a limit the receiver would reject.
-    #[error("`{t}`: field `{key}` breaks a limit: {why}")]
+    /// A field breaks a rule the receiver enforces (length, range, character set, or a value a
+    /// 0.1.x peer does not know in JSON mode); the receiver would drop the frame.
+    #[error("`{t}`: field `{key}` cannot be sent: {why}")]
     Limit {
         t: &'static str,
         key: &'static str,
         why: &'static str,
     },
-    /// A free-form JSON value cannot be carried (non-finite number, too deep).
-    #[error("`{t}`: field `{key}` is not encodable: {why}")]
-    Unencodable {
-        t: &'static str,
-        key: &'static str,
-        why: &'static str,
-    },
+    /// The encoded frame is larger than the codec allows.
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    FrameTooLarge { len: usize, max: usize },
 }
 
 #[cfg(test)]
