@@ -810,9 +810,11 @@ impl<T: WireObject> FieldKind for Object<T> {
 #[derive(Clone, Copy)]
 pub(crate) struct JsonObject;
 
-/// Depth (1 for a scalar) and value count of `v`, giving up past `max_depth`.
+/// Counts the values of `v`, which sits at `depth`; scalars may sit at `max_depth`, arrays and
+/// objects one level above (the decoders refuse a container at the deepest level even if empty).
 fn shape(v: &Value, depth: usize, max_depth: usize, count: &mut usize) -> Result<(), Why> {
-    if depth > max_depth {
+    let container = v.is_array() || v.is_object();
+    if depth > max_depth || (container && depth == max_depth) {
         return Err("nested too deeply");
     }
     *count += 1;
