@@ -20,10 +20,16 @@
 //! - [`admin`]: local admin operations on a stopped server's data dir.
 //! - [`secrets`], [`semver`], [`time`]: small helpers.
 
+pub mod admin;
+pub mod api;
 pub mod auth;
+pub mod client;
+pub mod config;
 pub mod events;
 pub mod metrics;
 pub mod presence;
+pub mod registry;
+pub mod sdnotify;
 pub mod secrets;
 pub mod semver;
 pub mod store;

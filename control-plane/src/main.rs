@@ -1,5 +1,350 @@
-//! `codemantle-control-plane`: the server lands with issue 3.
-fn main() {
-    eprintln!("codemantle-control-plane: not built yet (issue 3)");
-    std::process::exit(2);
+//! `codemantle-control-plane`: the server (`serve`) and local admin subcommands that work
+//! directly on the data dir while the server is stopped (`init`, `device add`, `token create`,
+//! `tenant add`).
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use codemantle_control_plane::api::{self, ApiOptions, App, Server};
+use codemantle_control_plane::config::{self, Config, LogFormat, Overrides};
+use codemantle_control_plane::store::sled::SledStore;
+use codemantle_control_plane::store::{Role, Store, TenantId};
+use codemantle_control_plane::{admin, sdnotify, time};
+
+#[derive(Parser)]
+#[command(
+    name = "codemantle-control-plane",
+    version,
+    about = "CodeMantle control plane: daemon tunnels and the HTTP API on one listener"
+)]
+struct Cli {
+    /// TOML config file (env: CODEMANTLE_CONFIG).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Listen address IP:PORT (env: CODEMANTLE_LISTEN; default 127.0.0.1:8787).
+    #[arg(long, global = true, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Data dir of the embedded store, created 0700 (env: CODEMANTLE_DATA_DIR).
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// TLS certificate chain, PEM (env: CODEMANTLE_TLS_CERT); needs --tls-key.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key, PEM (env: CODEMANTLE_TLS_KEY); needs --tls-cert.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Log format on stderr: text or json (env: CODEMANTLE_LOG_FORMAT).
+    #[arg(long, global = true, value_name = "FORMAT", value_parser = parse_log_format)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    config::parse_log_format(s).map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve,
+    /// Create the default tenant and print its first owner token (once).
+    Init,
+    /// Local device administration (server stopped).
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Local API token administration (server stopped).
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Local tenant administration (server stopped).
+    #[command(subcommand)]
+    Tenant(TenantCommand),
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Register a device; prints its id and secret once.
+    Add {
+        /// Display name.
+        name: String,
+        #[arg(long, default_value = TenantId::DEFAULT)]
+        tenant: String,
+        /// Label key=value (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// Use this device id (e.g. an existing 0.1.x id) instead of a random one.
+        #[arg(long)]
+        id: Option<String>,
+        /// Write the secret to FILE (mode 0600) instead of printing it.
+        #[arg(long, value_name = "FILE")]
+        out_key: Option<PathBuf>,
+    },
+    /// List the devices of a tenant.
+    List {
+        #[arg(long, default_value = TenantId::DEFAULT)]
+        tenant: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Mint an API token; prints it once.
+    Create {
+        /// viewer, operator, admin or owner.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        #[arg(long, default_value = TenantId::DEFAULT)]
+        tenant: String,
+        #[arg(long)]
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    /// Create a tenant.
+    Add {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List tenants.
+    List,
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    Role::parse(s).ok_or_else(|| format!("{s:?} is not one of viewer, operator, admin, owner"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        config_file: cli.config.clone(),
+        listen: cli.listen.clone(),
+        data_dir: cli.data_dir.clone(),
+        tls_cert: cli.tls_cert.clone(),
+        tls_key: cli.tls_key.clone(),
+        log_format: cli.log_format,
+    };
+    let config = match Config::load(&overrides, &|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("codemantle-control-plane: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let result = match cli.command {
+        Command::Serve => serve(&config),
+        Command::Init => cmd_init(&config),
+        Command::Device(c) => cmd_device(&config, c),
+        Command::Token(c) => cmd_token(&config, c),
+        Command::Tenant(c) => cmd_tenant(&config, c),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("codemantle-control-plane: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match config.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(config: &Config) -> anyhow::Result<()> {
+    // Block SIGINT/SIGTERM before any thread exists (sled and smol start threads), so they are
+    // delivered only to the dedicated signal thread.
+    let signals = shutdown_signals().context("cannot set up signal handling")?;
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(api::tls::server_config(cert, key)?),
+        None => None,
+    };
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir)?);
+    let mut app = App::new(store.clone());
+    app.options = ApiOptions {
+        max_body_bytes: config.max_body_bytes,
+        public_metrics: config.public_metrics,
+        ..ApiOptions::default()
+    };
+    let app = Arc::new(app);
+    smol::block_on(async {
+        let server = Server::bind(config.listen, tls, app)
+            .await
+            .with_context(|| {
+                format!("cannot listen on {} (in use? pass --listen)", config.listen)
+            })?;
+        let addr = server.local_addr()?;
+        tracing::info!(data_dir = %config.data_dir.display(), "listening on {}://{addr}", server.scheme());
+        sdnotify::notify("READY=1");
+        spawn_housekeeping(store.clone());
+        let outcome =
+            futures_lite::future::or(async { server.run().await.map(|()| None) }, async {
+                Ok(signals.recv().await.ok())
+            })
+            .await?;
+        if let Some(sig) = outcome {
+            tracing::info!(signal = sig, "shutting down");
+        }
+        sdnotify::notify("STOPPING=1");
+        anyhow::Ok(())
+    })?;
+    store.flush()?;
+    Ok(())
+}
+
+/// Watchdog pings (only while the store answers) and hourly purge of expired idempotency
+/// records.
+fn spawn_housekeeping(store: Arc<dyn Store>) {
+    if let Some(interval) = sdnotify::watchdog_interval() {
+        let store = store.clone();
+        smol::spawn(async move {
+            loop {
+                smol::Timer::after(interval).await;
+                let s = store.clone();
+                match smol::unblock(move || s.probe()).await {
+                    Ok(()) => sdnotify::notify("WATCHDOG=1"),
+                    Err(e) => tracing::error!(error = %e, "store probe failed; withholding the watchdog ping"),
+                }
+            }
+        })
+        .detach();
+    }
+    smol::spawn(async move {
+        loop {
+            let s = store.clone();
+            match smol::unblock(move || s.idempotency_purge(time::now_ms())).await {
+                Ok(n) if n > 0 => {
+                    tracing::debug!(purged = n, "expired idempotency records removed")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "idempotency purge failed"),
+            }
+            smol::Timer::after(std::time::Duration::from_secs(3600)).await;
+        }
+    })
+    .detach();
+}
+
+/// Blocks SIGINT and SIGTERM in this (still single) thread and all threads it will create,
+/// and waits for them on a dedicated thread. The receiver yields the signal number.
+fn shutdown_signals() -> std::io::Result<async_channel::Receiver<i32>> {
+    // SAFETY: plain libc signal-mask calls on a zero-initialised sigset_t owned by this frame.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        set
+    };
+    let (tx, rx) = async_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            loop {
+                let mut sig: libc::c_int = 0;
+                // SAFETY: `set` is a valid, initialised sigset_t; `sig` is a valid out pointer.
+                if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                    let _ = tx.try_send(sig);
+                }
+            }
+        })?;
+    Ok(rx)
+}
+
+fn cmd_init(config: &Config) -> anyhow::Result<()> {
+    let store = admin::open(&config.data_dir)?;
+    let owner = admin::init(&store)?;
+    eprintln!(
+        "initialised {}: default tenant created. The owner token below is shown only now; \
+         keep it in a secret manager:",
+        config.data_dir.display()
+    );
+    println!("{}", owner.bearer);
+    Ok(())
+}
+
+fn cmd_device(config: &Config, cmd: DeviceCommand) -> anyhow::Result<()> {
+    let store = admin::open(&config.data_dir)?;
+    match cmd {
+        DeviceCommand::Add {
+            name,
+            tenant,
+            labels,
+            id,
+            out_key,
+        } => {
+            let d = admin::add_device(&store, &tenant, &name, &labels, id, out_key.as_deref())?;
+            println!("device id: {}", d.id);
+            println!("key id:    {}", d.key_id);
+            match out_key {
+                Some(path) => println!("secret:    written to {} (mode 0600)", path.display()),
+                None => {
+                    println!("secret:    {}", d.secret);
+                    eprintln!(
+                        "the secret is shown only now: install it on the host as its device key (mode 0600)"
+                    );
+                }
+            }
+        }
+        DeviceCommand::List { tenant } => {
+            let tenant = TenantId::parse(&tenant)?;
+            for d in store.devices(&tenant)? {
+                let labels: Vec<String> =
+                    d.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                println!("{}\t{}\t{}", d.id, d.name, labels.join(","));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cmd_token(config: &Config, cmd: TokenCommand) -> anyhow::Result<()> {
+    let store = admin::open(&config.data_dir)?;
+    match cmd {
+        TokenCommand::Create { role, tenant, name } => {
+            let t = admin::create_token(&store, &tenant, &name, role)?;
+            eprintln!(
+                "token {} ({}, tenant {}) minted; it is shown only now:",
+                t.token.id, t.token.role, t.token.tenant
+            );
+            println!("{}", t.bearer);
+        }
+    }
+    Ok(())
+}
+
+fn cmd_tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
+    let store = admin::open(&config.data_dir)?;
+    match cmd {
+        TenantCommand::Add { id, name } => {
+            let t = admin::add_tenant(&store, &id, name.as_deref())?;
+            println!("tenant {} created", t.id);
+        }
+        TenantCommand::List => {
+            for t in store.tenants()? {
+                println!("{}\t{}", t.id, t.name);
+            }
+        }
+    }
+    Ok(())
 }

@@ -7,8 +7,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the command-duration histogram buckets.
@@ -24,6 +24,7 @@ pub struct Metrics {
     duration_buckets: [AtomicU64; COMMAND_DURATION_BUCKETS.len()],
     duration_count: AtomicU64,
     duration_sum_micros: AtomicU64,
+    event_streams: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -34,6 +35,7 @@ impl Default for Metrics {
             duration_buckets: Default::default(),
             duration_count: AtomicU64::new(0),
             duration_sum_micros: AtomicU64::new(0),
+            event_streams: AtomicU64::new(0),
         }
     }
 }
@@ -42,12 +44,26 @@ impl Default for Metrics {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Gauges {
     pub devices_connected: usize,
-    pub event_subscribers: usize,
+}
+
+/// Keeps `codemantle_event_streams` incremented while alive.
+pub struct EventStreamGuard(Arc<Metrics>);
+
+impl Drop for EventStreamGuard {
+    fn drop(&mut self) {
+        self.0.event_streams.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Counts an open live event stream until the guard is dropped.
+    pub fn event_stream_opened(self: &Arc<Self>) -> EventStreamGuard {
+        self.event_streams.fetch_add(1, Ordering::Relaxed);
+        EventStreamGuard(self.clone())
     }
 
     /// Counts one HTTP response.
@@ -99,14 +115,11 @@ impl Metrics {
 
         writeln!(
             out,
-            "# HELP codemantle_event_subscribers Live event stream subscribers."
+            "# HELP codemantle_event_streams Open live event streams (SSE)."
         )?;
-        writeln!(out, "# TYPE codemantle_event_subscribers gauge")?;
-        writeln!(
-            out,
-            "codemantle_event_subscribers {}",
-            gauges.event_subscribers
-        )?;
+        writeln!(out, "# TYPE codemantle_event_streams gauge")?;
+        let streams = self.event_streams.load(Ordering::Relaxed);
+        writeln!(out, "codemantle_event_streams {streams}")?;
 
         writeln!(
             out,
@@ -183,7 +196,6 @@ mod tests {
         m.record_command("dr", "timeout", Duration::from_secs(45));
         let text = m.render(Gauges {
             devices_connected: 3,
-            event_subscribers: 0,
         });
         assert!(text.contains("codemantle_devices_connected 3\n"));
         assert!(text.contains("codemantle_http_requests_total{code=\"200\"} 2\n"));

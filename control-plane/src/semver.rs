@@ -26,9 +26,9 @@ impl Version {
     /// Parses a semver string; `None` if it is not one (with the reason left to the caller's
     /// error message, which should show the expected form).
     pub fn parse(s: &str) -> Option<Version> {
-        let core_and_pre =
-            s.split_once('+')
-                .map_or(s, |(a, build)| if build.is_empty() { "" } else { a });
+        let core_and_pre = s
+            .split_once('+')
+            .map_or(s, |(a, build)| if build.is_empty() { "" } else { a });
         let (core, pre) = match core_and_pre.split_once('-') {
             Some((c, p)) => (c, Some(p)),
             None => (core_and_pre, None),

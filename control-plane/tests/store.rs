@@ -284,6 +284,11 @@ fn events_resume_after_restart_without_gaps() {
     // Paging.
     let page = store.events(&t, 0, 2).expect("page");
     assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+    let tail = store.recent_events(&t, 2).expect("tail");
+    assert_eq!(
+        tail.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [cmd.seq - 1, cmd.seq]
+    );
 }
 
 #[test]
@@ -352,9 +357,18 @@ fn idempotency_claims_replays_and_detects_reuse() {
         body: json!({"ok": true}),
     };
     store
-        .idempotency_complete(&t, "k1", &resp)
+        .idempotency_complete(&t, "k1", &resp, 1000)
         .expect("complete");
     assert_eq!(claim("fp", 2), IdempotencyClaim::Replay(resp));
+    // The lease of an unfinished claim runs out, so a crash does not block the key.
+    let lease = |now| {
+        store
+            .idempotency_claim(&t, "k2", "fp", now, 10)
+            .expect("claim")
+    };
+    assert_eq!(lease(0), IdempotencyClaim::Claimed);
+    assert_eq!(lease(5), IdempotencyClaim::InProgress);
+    assert_eq!(lease(11), IdempotencyClaim::Claimed);
     // Another tenant's identical key is independent.
     assert_eq!(
         store
@@ -364,7 +378,7 @@ fn idempotency_claims_replays_and_detects_reuse() {
     );
     // Expired: claimable again; purge removes expired records.
     assert_eq!(claim("fp", 5000), IdempotencyClaim::Claimed);
-    assert_eq!(store.idempotency_purge(10_000).expect("purge"), 2);
+    assert_eq!(store.idempotency_purge(10_000).expect("purge"), 3);
     store.idempotency_release(&t, "k1").expect("release");
 }
 

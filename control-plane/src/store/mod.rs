@@ -179,21 +179,24 @@ pub trait Store: Send + Sync + 'static {
     // ---- idempotency --------------------------------------------------------------------
 
     /// Atomically claims `(tenant, key)` for a request with `fingerprint`, or reports what the
-    /// first request with that key did. An expired record is replaced.
+    /// first request with that key did. The claim itself expires after `lease_ms` (so a crash
+    /// mid-request does not block the key for the whole retention); an expired record is
+    /// replaced.
     fn idempotency_claim(
         &self,
         tenant: &TenantId,
         key: &str,
         fingerprint: &str,
         now_ms: u64,
-        ttl_ms: u64,
+        lease_ms: u64,
     ) -> StoreResult<IdempotencyClaim>;
-    /// Stores the response of a claimed key, for replay until expiry.
+    /// Stores the response of a claimed key, for replay until `expires_ms`.
     fn idempotency_complete(
         &self,
         tenant: &TenantId,
         key: &str,
         response: &StoredResponse,
+        expires_ms: u64,
     ) -> StoreResult<()>;
     /// Releases a claimed key without a stored response (the request may be retried).
     fn idempotency_release(&self, tenant: &TenantId, key: &str) -> StoreResult<()>;
@@ -206,6 +209,8 @@ pub trait Store: Send + Sync + 'static {
     fn append_event(&self, draft: EventDraft) -> StoreResult<Event>;
     /// Events of a tenant with `seq > after`, ascending, at most `limit`.
     fn events(&self, tenant: &TenantId, after: u64, limit: usize) -> StoreResult<Vec<Event>>;
+    /// The last `limit` events of a tenant, ascending (a "tail").
+    fn recent_events(&self, tenant: &TenantId, limit: usize) -> StoreResult<Vec<Event>>;
     /// The highest sequence number ever assigned (0 if none).
     fn last_event_seq(&self) -> StoreResult<u64>;
     /// Live events committed from now on (see [`crate::events::EventBus::subscribe`]).

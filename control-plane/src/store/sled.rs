@@ -120,6 +120,13 @@ impl SledStore {
         Ok(store)
     }
 
+    /// Replaces the live bus with one whose subscribers may queue `queue` events (tests use a
+    /// tiny queue to exercise the slow-subscriber path). Call before sharing the store.
+    pub fn with_subscriber_queue(mut self, queue: usize) -> Self {
+        self.bus = EventBus::with_queue(queue);
+        self
+    }
+
     /// The data dir this store lives in.
     pub fn path(&self) -> &Path {
         &self.path
@@ -705,7 +712,7 @@ impl Store for SledStore {
         key: &str,
         fingerprint: &str,
         now_ms: u64,
-        ttl_ms: u64,
+        lease_ms: u64,
     ) -> StoreResult<IdempotencyClaim> {
         let k = pair_key(tenant.as_str(), key);
         let fresh = IdempotencyRecord {
@@ -713,10 +720,11 @@ impl Store for SledStore {
             key: key.to_owned(),
             fingerprint: fingerprint.to_owned(),
             created_ms: now_ms,
-            expires_ms: now_ms.saturating_add(ttl_ms),
+            expires_ms: now_ms.saturating_add(lease_ms),
             response: None,
         };
-        let claim = self.idempotency
+        let claim = self
+            .idempotency
             .transaction(|t| {
                 if let Some(raw) = t.get(&k)? {
                     let old: IdempotencyRecord = decode_tx(&raw)?;
@@ -742,6 +750,7 @@ impl Store for SledStore {
         tenant: &TenantId,
         key: &str,
         response: &StoredResponse,
+        expires_ms: u64,
     ) -> StoreResult<()> {
         let k = pair_key(tenant.as_str(), key);
         self.idempotency
@@ -753,6 +762,7 @@ impl Store for SledStore {
                 };
                 let mut rec: IdempotencyRecord = decode_tx(&raw)?;
                 rec.response = Some(response.clone());
+                rec.expires_ms = expires_ms;
                 t.insert(k.as_slice(), encode_tx(&rec)?)?;
                 Ok(())
             })
@@ -804,6 +814,18 @@ impl Store for SledStore {
             .take(limit)
             .map(|kv| kv.map_err(backend).and_then(|(_, v)| decode(&v)))
             .collect()
+    }
+
+    fn recent_events(&self, tenant: &TenantId, limit: usize) -> StoreResult<Vec<Event>> {
+        let mut events = self
+            .events
+            .scan_prefix(pair_key(tenant.as_str(), ""))
+            .rev()
+            .take(limit)
+            .map(|kv| kv.map_err(backend).and_then(|(_, v)| decode(&v)))
+            .collect::<StoreResult<Vec<Event>>>()?;
+        events.reverse();
+        Ok(events)
     }
 
     fn last_event_seq(&self) -> StoreResult<u64> {

@@ -1,0 +1,286 @@
+//! The HTTP API: hyper 1 (HTTP/1.1) driven by smol, optionally behind rustls.
+//!
+//! One listener serves operators (JSON API, SSE) and daemons (`/ws`, handed to the
+//! [`tunnel::TunnelHook`]). Request pipeline, in order:
+//! 1. route by method and percent-decoded path ([`routes::route`]); unknown → 404, wrong method → 405;
+//! 2. `/ws` → tunnel hook (it authenticates with its own handshake);
+//! 3. public routes: `/health`, `/openapi.json` (and `/metrics` if configured public);
+//! 4. authenticate ([`crate::auth::AuthChain`]) → 401; handlers check roles → 403;
+//! 5. handler; mutating routes run under [`idempotency::run`]; bodies ≤ [`ApiOptions::max_body_bytes`].
+//!
+//! Every error is `{"error": CODE, "message": ...}` ([`error::ApiError`]); every response gets
+//! an `x-request-id`, no-sniff/no-store headers, a metrics count and one log line.
+
+pub mod devices;
+pub mod error;
+pub mod events;
+pub mod http;
+pub mod idempotency;
+pub mod openapi;
+pub mod routes;
+pub mod system;
+pub mod tls;
+pub mod tokens;
+pub mod tunnel;
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncRead, AsyncWrite, FutureExt as _};
+use hyper::body::Incoming;
+use hyper::header::HeaderValue;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use smol::net::{TcpListener, TcpStream};
+use smol_hyper::rt::{FuturesIo, SmolTimer};
+
+use crate::auth::{AuthChain, Principal};
+use crate::metrics::{Gauges, Metrics};
+use crate::presence::{MemoryPresence, Presence};
+use crate::store::Store;
+pub use error::ApiError;
+pub use http::Body;
+use routes::Route;
+pub use tunnel::{TunnelHook, TunnelUnavailable, UpgradedIo};
+
+/// Tunables of the API.
+#[derive(Debug, Clone)]
+pub struct ApiOptions {
+    /// Largest accepted request body.
+    pub max_body_bytes: usize,
+    /// Serve `/metrics` without a token (for a scraper on a trusted network).
+    pub public_metrics: bool,
+    /// Interval of SSE keep-alive comments.
+    pub sse_keepalive: Duration,
+    /// Time allowed for a client to send request headers (and the TLS handshake).
+    pub header_timeout: Duration,
+}
+
+impl Default for ApiOptions {
+    fn default() -> Self {
+        ApiOptions {
+            max_body_bytes: http::MAX_BODY_BYTES,
+            public_metrics: false,
+            sse_keepalive: Duration::from_secs(15),
+            header_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Everything a request handler may use. Shared as `Arc<App>`.
+pub struct App {
+    pub store: Arc<dyn Store>,
+    pub auth: AuthChain,
+    pub presence: Arc<dyn Presence>,
+    pub metrics: Arc<Metrics>,
+    pub tunnel: Arc<dyn TunnelHook>,
+    pub options: ApiOptions,
+}
+
+impl App {
+    /// An app with token auth, in-memory presence, fresh metrics and no tunnel yet.
+    pub fn new(store: Arc<dyn Store>) -> App {
+        App {
+            auth: AuthChain::standard(store.clone()),
+            store,
+            presence: Arc::new(MemoryPresence::new()),
+            metrics: Arc::new(Metrics::new()),
+            tunnel: Arc::new(TunnelUnavailable),
+            options: ApiOptions::default(),
+        }
+    }
+
+    /// Current gauges for `/metrics`.
+    pub fn gauges(&self) -> Gauges {
+        Gauges {
+            devices_connected: self.presence.online_count(),
+        }
+    }
+
+    /// Answers one request (never fails: errors become JSON error responses).
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let request_id = crate::secrets::hex(&crate::secrets::random_bytes::<8>());
+        let app = self.clone();
+        let outcome = AssertUnwindSafe(app.dispatch(req, peer))
+            .catch_unwind()
+            .await;
+        let mut resp = match outcome {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(err)) => err.into_response(),
+            Err(_) => {
+                tracing::error!(%method, %path, %request_id, "request handler panicked");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    format!("the server hit a bug; report it with request id {request_id}"),
+                )
+                .into_response()
+            }
+        };
+        let status = resp.status();
+        let headers = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            headers.insert("x-request-id", v);
+        }
+        if status != StatusCode::SWITCHING_PROTOCOLS {
+            headers.insert(
+                "x-content-type-options",
+                HeaderValue::from_static("nosniff"),
+            );
+            headers
+                .entry(hyper::header::CACHE_CONTROL)
+                .or_insert(HeaderValue::from_static("no-store"));
+        }
+        self.metrics.record_http(status.as_u16());
+        tracing::info!(
+            %method, %path, status = status.as_u16(), %request_id, %peer,
+            ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        resp
+    }
+
+    async fn dispatch(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, ApiError> {
+        let segments = http::path_segments(req.uri().path())?;
+        let route = routes::route(req.method(), &segments);
+        match route {
+            Route::NotFound => return Err(routes::not_found()),
+            Route::MethodNotAllowed { allow } => return Err(routes::method_not_allowed(allow)),
+            Route::Tunnel => return Ok(self.tunnel.handle(req, peer).await),
+            Route::Health => return Ok(system::health(&self).await),
+            Route::OpenApi => return Ok(system::openapi()),
+            Route::Metrics if self.options.public_metrics => return Ok(system::metrics(&self)),
+            _ => {}
+        }
+        let (parts, body) = req.into_parts();
+        let principal: Principal = self.auth.authenticate(&parts)?;
+        match route {
+            Route::Metrics => system::metrics_authorized(&self, &principal),
+            Route::DevicesList => devices::list(&self, &principal).await,
+            Route::DevicesCreate => devices::create(&self, &principal, &parts, body).await,
+            Route::DeviceGet(id) => devices::get(&self, &principal, &id).await,
+            Route::DeviceRemove(id) => devices::remove(&self, &principal, &parts, &id).await,
+            Route::TokensList => tokens::list(&self, &principal).await,
+            Route::TokensCreate => tokens::create(&self, &principal, &parts, body).await,
+            Route::TokenRevoke(id) => tokens::revoke(&self, &principal, &parts, &id).await,
+            Route::EventsList => events::list(&self, &principal, &parts).await,
+            Route::EventsStream => events::stream(&self, &principal, &parts).await,
+            Route::Tunnel
+            | Route::Health
+            | Route::OpenApi
+            | Route::NotFound
+            | Route::MethodNotAllowed { .. } => Err(routes::not_found()),
+        }
+    }
+}
+
+/// A bound listener, ready to [`Server::run`].
+pub struct Server {
+    listener: TcpListener,
+    tls: Option<futures_rustls::TlsAcceptor>,
+    app: Arc<App>,
+}
+
+impl Server {
+    /// Binds `addr`; with `tls`, every connection must complete a TLS handshake first.
+    pub async fn bind(
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        app: Arc<App>,
+    ) -> io::Result<Server> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Server {
+            listener,
+            tls: tls.map(futures_rustls::TlsAcceptor::from),
+            app,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// `http` or `https`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+
+    /// Accepts connections forever, one task per connection. Drop the future to stop
+    /// accepting (connections in flight finish on their own).
+    pub async fn run(self) -> io::Result<()> {
+        loop {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed; retrying in 100 ms");
+                    smol::Timer::after(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let (app, tls) = (self.app.clone(), self.tls.clone());
+            smol::spawn(serve_connection(stream, peer, tls, app)).detach();
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<futures_rustls::TlsAcceptor>,
+    app: Arc<App>,
+) {
+    let timeout = app.options.header_timeout;
+    match tls {
+        None => serve_http(stream, peer, app).await,
+        Some(acceptor) => {
+            let handshake = async { acceptor.accept(stream).await.map(Some) }
+                .or(async {
+                    smol::Timer::after(timeout).await;
+                    Ok(None)
+                })
+                .await;
+            match handshake {
+                Ok(Some(tls_stream)) => serve_http(tls_stream, peer, app).await,
+                Ok(None) => tracing::debug!(%peer, "TLS handshake timed out"),
+                Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            }
+        }
+    }
+}
+
+async fn serve_http<S>(stream: S, peer: SocketAddr, app: Arc<App>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let timeout = app.options.header_timeout;
+    let service = service_fn(move |req| {
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(SmolTimer::new())
+        .header_read_timeout(timeout)
+        .serve_connection(FuturesIo::new(stream), service)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}

@@ -1,0 +1,92 @@
+//! `codemantle`: the operator CLI over the control plane's HTTP API.
+//!
+//! Server and token come from `--server/--token`, else `CODEMANTLE_SERVER`/`CODEMANTLE_TOKEN`,
+//! else `~/.config/codemantle/cli.toml` (see [`settings`]). Output is an aligned table for
+//! people, or the server's JSON with `--json` for scripts. Each resource has its own module
+//! (`devices`, `tokens`, `events`); session and file-system commands slot in the same way once
+//! the device routes exist.
+
+mod api;
+mod devices;
+mod events;
+mod output;
+mod settings;
+mod tokens;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "codemantle",
+    version,
+    about = "Operate a CodeMantle fleet through its control plane"
+)]
+struct Cli {
+    /// Control plane URL, e.g. https://cp.lab:8787 (env: CODEMANTLE_SERVER).
+    #[arg(long, global = true, value_name = "URL")]
+    server: Option<String>,
+    /// API token `cmt_...` (env: CODEMANTLE_TOKEN). Prefer the env or cli.toml: argv is visible
+    /// to other users of this host.
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
+    /// CA certificate (PEM) to trust for https (env: CODEMANTLE_CA_CERT).
+    #[arg(long, global = true, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Devices of your tenant.
+    #[command(subcommand)]
+    Devices(devices::DevicesCommand),
+    /// API tokens of your tenant (admin).
+    #[command(subcommand)]
+    Tokens(tokens::TokensCommand),
+    /// The event log: recent events, a page after a seq, or follow live.
+    Events(events::EventsArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match settings::Settings::resolve(
+        cli.server.as_deref(),
+        cli.token.as_deref(),
+        cli.ca_cert.as_deref(),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("codemantle: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let api = match api::Api::new(&settings) {
+        Ok(api) => api,
+        Err(e) => {
+            eprintln!("codemantle: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let out = output::Output { json: cli.json };
+    let result = smol::block_on(async {
+        match cli.command {
+            Command::Devices(c) => devices::run(&api, &out, c).await,
+            Command::Tokens(c) => tokens::run(&api, &out, c).await,
+            Command::Events(a) => events::run(&api, &out, a).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("codemantle: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
