@@ -433,6 +433,7 @@ fn renameat2(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use codemantle_protocol::error::ErrorCode;
 
     #[test]
     fn mtime_clamps() {
@@ -446,7 +447,10 @@ mod tests {
     fn cursor_round_trip_and_rejects_garbage() {
         let c = URL_SAFE_NO_PAD.encode(b"name.txt");
         assert_eq!(decode_cursor(&c).unwrap(), b"name.txt");
-        assert_eq!(decode_cursor("!!").unwrap_err().wire_code(), "PATH");
-        assert_eq!(decode_cursor("").unwrap_err().wire_code(), "PATH");
+        assert_eq!(
+            decode_cursor("!!").unwrap_err().wire_code(),
+            ErrorCode::Path
+        );
+        assert_eq!(decode_cursor("").unwrap_err().wire_code(), ErrorCode::Path);
     }
 }

@@ -62,6 +62,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use codemantle_protocol::error::ErrorCode;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag};
@@ -179,8 +180,9 @@ pub enum GuardError {
 }
 
 impl GuardError {
-    /// The 0.1.x wire error code for this failure: `"PATH"`, `"ROOT"` or `"INTERNAL"`.
-    pub fn wire_code(&self) -> &'static str {
+    /// The wire error code for this failure: [`ErrorCode::Path`], [`ErrorCode::Root`] or
+    /// [`ErrorCode::Internal`] (see the module doc for which is which).
+    pub fn wire_code(&self) -> ErrorCode {
         use GuardError::*;
         match self {
             Absolute { .. }
@@ -194,14 +196,14 @@ impl GuardError {
             | AlreadyExists { .. }
             | NotEmpty { .. }
             | OtherFilesystem { .. }
-            | TooDeep { .. } => "PATH",
+            | TooDeep { .. } => ErrorCode::Path,
             UnknownRoot { .. }
             | InvalidRoot { .. }
             | Escape { .. }
             | Symlink { .. }
             | IsRoot { .. }
-            | PermissionDenied { .. } => "ROOT",
-            Io { .. } => "INTERNAL",
+            | PermissionDenied { .. } => ErrorCode::Root,
+            Io { .. } => ErrorCode::Internal,
         }
     }
 
@@ -675,7 +677,13 @@ mod tests {
 
     #[test]
     fn rejects_bad_paths_with_codes() {
-        let code = |s: &str| RelPath::parse(s).unwrap_err().wire_code();
+        let code = |s: &str| {
+            RelPath::parse(s)
+                .unwrap_err()
+                .wire_code()
+                .as_str()
+                .to_owned()
+        };
         assert_eq!(code("/etc/passwd"), "PATH");
         assert_eq!(code("a\0b"), "PATH");
         assert_eq!(code(".."), "ROOT");
