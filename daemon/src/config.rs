@@ -511,6 +511,10 @@ pub fn load(
     let merged = file.overlay(env_layer).overlay(flags);
     let (config, mut more, mut warnings) = validate(merged);
     problems.append(&mut more);
+    if let Some(config) = &config {
+        let file = path.exists().then_some(path);
+        problems.append(&mut trust_files_outside_roots(config, file));
+    }
     for name in unknown_env {
         warnings.push(Problem::new(
             name,
@@ -847,6 +851,13 @@ fn validate(layer: Layer) -> (Option<DaemonConfig>, Vec<Problem>, Vec<Problem>) 
             ));
             continue;
         }
+        if KEYS.iter().any(|d| d.key == alias) {
+            v.warnings.push(Problem::new(
+                &key,
+                format!("a root named {alias:?} looks like the top-level setting {alias} placed after [roots]"),
+                format!("in TOML every key after a [section] header belongs to that section; move {alias} above the first [section] if it was meant as a setting"),
+            ));
+        }
         let Some(path) = v.absolute_path(&key, &value, &source) else {
             continue;
         };
@@ -945,6 +956,74 @@ fn validate(layer: Layer) -> (Option<DaemonConfig>, Vec<Problem>, Vec<Problem>) 
         _ => None,
     };
     (config, v.problems, v.warnings)
+}
+
+/// The files that hold or steer the daemon's trust (device key, journal, config file) must not
+/// lie inside a root: everything in a root is reachable by commands from the control plane,
+/// which could then read the key, rewrite the journal or, once files can be written, re-point
+/// the daemon at another control plane (0.1.50's `cu` takeover, its §15.1.3).
+fn trust_files_outside_roots(config: &DaemonConfig, config_file: Option<&Path>) -> Vec<Problem> {
+    let roots: Vec<(&String, PathBuf)> = config
+        .roots
+        .iter()
+        .map(|(alias, p)| (alias, real_prefix(p)))
+        .collect();
+    let mut checks: Vec<(&str, PathBuf, &str)> = vec![
+        (
+            "device.key_file",
+            config.device.key_file.clone(),
+            "move the key file outside every root",
+        ),
+        (
+            "data_dir",
+            config.data_dir.clone(),
+            "choose a data_dir outside every root",
+        ),
+    ];
+    if let Some(f) = config_file {
+        checks.push((
+            "config file",
+            f.to_owned(),
+            "keep the config file outside every root (e.g. /etc/codemantle)",
+        ));
+    }
+    let mut problems = Vec::new();
+    for (key, path, fix) in checks {
+        let real = real_prefix(&path);
+        for (alias, root) in &roots {
+            if real.starts_with(root) {
+                problems.push(Problem::new(
+                    key,
+                    format!(
+                        "{} is inside root `{alias}` ({}): commands from the control plane could reach it",
+                        path.display(),
+                        root.display()
+                    ),
+                    fix,
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// `path` with its longest existing prefix resolved by the kernel (symlinks, `..`), and the
+/// rest appended as written.
+fn real_prefix(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut cur = path;
+    loop {
+        if let Ok(real) = std::fs::canonicalize(cur) {
+            return rest.iter().rev().fold(real, |acc: PathBuf, c| acc.join(c));
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                cur = parent;
+            }
+            _ => return path.to_owned(),
+        }
+    }
 }
 
 /// Parse a `ws://` or `wss://` URL. The error says what is wrong (without the fix).
