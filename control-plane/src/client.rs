@@ -584,6 +584,7 @@ fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Clien
             .collect(),
     };
     let mut roots = rustls::RootCertStore::empty();
+    let mut pinned = Vec::new();
     for path in &candidates {
         let Ok(certs) = crate::api::tls::read_certs(path) else {
             if ca_file.is_some() {
@@ -594,6 +595,9 @@ fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Clien
             }
             continue;
         };
+        if ca_file.is_some() {
+            pinned.clone_from(&certs);
+        }
         let (added, _ignored) = roots.add_parsable_certificates(certs);
         if added > 0 {
             break;
@@ -607,12 +611,73 @@ fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, Clien
         ));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| ClientError::Tls(e.to_string()))?;
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| ClientError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinningVerifier { webpki, pinned }))
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// Standard WebPKI verification, plus: a server certificate that is byte-for-byte one of the
+/// certificates in the operator's `--ca-cert` file is accepted as pinned. Lab servers often
+/// use a self-signed certificate made with `openssl req -x509`, which is marked as a CA and
+/// which WebPKI therefore refuses as a server certificate; pinning the exact certificate is as
+/// strong as trusting it as a root. Handshake signatures are always checked.
+#[derive(Debug)]
+struct PinningVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    pinned: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinningVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if self
+            .pinned
+            .iter()
+            .any(|p| p.as_ref() == end_entity.as_ref())
+        {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        self.webpki
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
 }
 
 #[cfg(test)]

@@ -553,3 +553,75 @@ fn events_page_and_stream_replay_then_live_without_gaps_or_duplicates() {
         ]
     );
 }
+
+/// TLS termination with a self-signed certificate (generated with the `openssl` CLI; the test
+/// says so and skips if it is not installed).
+#[test]
+fn serves_https_from_pem_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let generated = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output();
+    match generated {
+        Ok(out) if out.status.success() => {}
+        _ => {
+            eprintln!(
+                "SKIPPED: serves_https_from_pem_files needs the openssl CLI to make a test certificate"
+            );
+            return;
+        }
+    }
+    let tls = codemantle_control_plane::api::tls::server_config(&cert, &key).expect("tls config");
+    let sled = SledStore::open(&dir.path().join("data")).expect("open");
+    let app = Arc::new(App::new(Arc::new(sled)));
+    let server = smol::block_on(Server::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        Some(tls),
+        app,
+    ))
+    .expect("bind");
+    assert_eq!(server.scheme(), "https");
+    let addr = server.local_addr().expect("addr");
+    smol::spawn(server.run()).detach();
+
+    let client = Client::new(
+        &format!("https://127.0.0.1:{}", addr.port()),
+        None,
+        Some(&cert),
+    )
+    .expect("client");
+    let health = get(&client, "/health");
+    assert_eq!(
+        (health.status, health.json()["ok"].as_bool()),
+        (200, Some(true))
+    );
+    // Plain HTTP to the TLS port gets no API answer.
+    let plain =
+        Client::new(&format!("http://127.0.0.1:{}", addr.port()), None, None).expect("client");
+    assert!(smol::block_on(plain.send(Request::new("GET", "/health"))).is_err());
+    // Missing files are reported with the path.
+    let err = codemantle_control_plane::api::tls::server_config(&dir.path().join("nope.pem"), &key)
+        .expect_err("a missing file must fail");
+    assert!(err.to_string().contains("nope.pem"));
+}
