@@ -1342,7 +1342,7 @@ fn private_dir_rules(path: &Path) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// [`check_data_dir`]'s rules for an existing directory, as one message (for the journal).
+/// The data directory rules (private, ours, no loose ancestor), as one message (for the journal).
 pub fn check_private_dir(path: &Path) -> Result<(), String> {
     check_data_dir(path).map_err(|(what, fix)| format!("{what} — {fix}"))
 }

@@ -1,9 +1,10 @@
-//! `fs`: the directory operations behind `dr`, `md`, `rd` and `rn`, on top of [`guard::path`].
+//! `fs`: the directory operations behind `dr`, `md`, `rd` and `rn`, on top of [`crate::guard::path`].
 //!
 //! Each operation takes a [`RootDir`] and wire strings, resolves through the guard, and then
 //! works only with `*at` system calls relative to the fds the guard returned. Results are
 //! typed values; the dispatcher turns them into protocol replies and [`GuardError::wire_code`]
-//! into `e` frames.
+//! into `e` frames. Every call is blocking file-system work: run it off the async executor
+//! (`smol::unblock`). [`RootDir`] is `Send + Sync`, so one set of roots serves all requests.
 //!
 //! Choices that differ from CodeMantle 0.1.50, and why:
 //!
@@ -382,19 +383,17 @@ pub fn rename(root: &RootDir, src: &str, dst: &str, overwrite: bool) -> Result<(
     let src_c = name_cstr(src_name.as_bytes())?;
     let dst_c = name_cstr(dst_name.as_bytes())?;
     let flags = if overwrite { 0 } else { libc::RENAME_NOREPLACE };
-    renameat2(src_parent.as_fd(), &src_c, dst_parent.as_fd(), &dst_c, flags).map_err(|e| {
-        let (at, op) = match e {
-            Errno::ENOENT => (&src, "rename"),
-            _ => (&dst, "rename"),
-        };
-        match e {
-            Errno::EINVAL => GuardError::InvalidArgument {
-                what: format!(
-                    "cannot rename `{src}` to `{dst}`: a directory cannot move inside itself, or this filesystem does not support rename without overwrite"
-                ),
-            },
-            e => GuardError::from_errno(op, &at.to_string(), e),
-        }
+    renameat2(src_parent.as_fd(), &src_c, dst_parent.as_fd(), &dst_c, flags).map_err(|e| match e {
+        // Both parents were just opened, so a missing entry is the source.
+        Errno::ENOENT => GuardError::NotFound {
+            path: src.to_string(),
+        },
+        Errno::EINVAL => GuardError::InvalidArgument {
+            what: format!(
+                "cannot rename `{src}` to `{dst}`: a directory cannot move inside itself, or this filesystem does not support rename without overwrite"
+            ),
+        },
+        e => GuardError::from_errno("rename", &dst.to_string(), e),
     })
 }
 

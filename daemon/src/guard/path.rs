@@ -712,6 +712,14 @@ mod tests {
     }
 
     #[test]
+    fn shareable_across_request_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<RootDir>();
+        send_sync::<Roots>();
+        send_sync::<crate::journal::Journal>();
+    }
+
+    #[test]
     fn shown_truncates_on_char_boundary() {
         let s = "é".repeat(300);
         let t = shown(&s);
