@@ -11,7 +11,7 @@ use std::path::Path;
 use crate::events::ACTOR_LOCAL_ADMIN;
 use crate::registry::{self, CreatedToken, NewDevice, RegistryError};
 use crate::store::sled::SledStore;
-use crate::store::{Device, Role, Store, StoreError, Tenant, TenantId};
+use crate::store::{Device, LegacyToken, Role, Store, StoreError, Tenant, TenantId};
 
 /// A local admin failure, phrased for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +135,66 @@ pub fn create_token(
     Ok(token)
 }
 
+/// Adds a 0.1.x-style shared token (`VALID_TOKENS`), bound to `devices` (empty: unbound).
+/// `token`: an existing token to import (read from a file by the caller: secrets never go
+/// through argv), or `None` to mint one. 0.1.x daemons send it (or its key id) in `h1`.
+pub fn add_legacy_token(
+    store: &SledStore,
+    tenant: &str,
+    token: Option<String>,
+    devices: &[String],
+) -> Result<LegacyToken, AdminError> {
+    let tenant = TenantId::parse(tenant).map_err(|e| AdminError::Invalid(e.to_string()))?;
+    let token = token.unwrap_or_else(crate::secrets::random_secret);
+    // 0.1.x accepts tokens of 8..2048 chars, but `at` in h1 is limited to 256.
+    if !(8..=256).contains(&token.len()) || token.chars().any(|c| c.is_control() || c == ',') {
+        return Err(AdminError::Invalid(
+            "a legacy token must be 8..256 characters without commas or control characters".into(),
+        ));
+    }
+    for d in devices {
+        crate::store::validate_device_id(d).map_err(|e| AdminError::Invalid(e.to_string()))?;
+    }
+    let legacy = LegacyToken {
+        key_id: crate::secrets::key_id(&token),
+        tenant,
+        token,
+        devices: (!devices.is_empty()).then(|| devices.to_vec()),
+        created_ms: crate::time::now_ms(),
+        revoked: false,
+    };
+    store
+        .add_legacy_token(&legacy, ACTOR_LOCAL_ADMIN)
+        .map_err(|e| match e {
+            StoreError::NotFound { .. } => AdminError::from(RegistryError::Store(e)),
+            StoreError::AlreadyExists { .. } => {
+                AdminError::Invalid("this legacy token is already registered".into())
+            }
+            other => AdminError::Store(other),
+        })?;
+    store.flush()?;
+    Ok(legacy)
+}
+
+/// Reads a secret from the first line of a file (or stdin for `-`), trimmed.
+pub fn read_secret_file(path: &Path) -> Result<String, AdminError> {
+    let text = if path == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_line(&mut s)
+            .map_err(|e| AdminError::Invalid(format!("cannot read stdin: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(path)
+            .map_err(|e| AdminError::Invalid(format!("cannot read {}: {e}", path.display())))?
+    };
+    let secret = text.lines().next().unwrap_or("").trim().to_owned();
+    if secret.is_empty() {
+        return Err(AdminError::Invalid(format!("{} is empty", path.display())));
+    }
+    Ok(secret)
+}
+
 /// Writes `secret` + newline to a new file with mode 0600.
 pub fn write_secret_file(path: &Path, secret: &str) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new()
@@ -171,5 +231,18 @@ mod tests {
         assert!(add_device(&store, "default", "box2", &[], None, Some(&key)).is_err());
         assert!(add_device(&store, "nope", "box3", &[], None, None).is_err());
         assert!(create_token(&store, "default", "ci", Role::Viewer).is_ok());
+
+        let imported = dir.path().join("legacy.txt");
+        std::fs::write(&imported, "test-token-0123456789\n").expect("write");
+        let secret = read_secret_file(&imported).expect("read");
+        let legacy = add_legacy_token(&store, "default", Some(secret), std::slice::from_ref(&d.id))
+            .expect("legacy");
+        assert_eq!(legacy.key_id, "k7AZFe8hftnrd2suRzJwsAQY");
+        let found = store
+            .legacy_token(&legacy.key_id)
+            .expect("read")
+            .expect("some");
+        assert_eq!(found.devices, Some(vec![d.id.clone()]));
+        assert!(add_legacy_token(&store, "default", Some("short".into()), &[]).is_err());
     }
 }

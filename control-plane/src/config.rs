@@ -253,6 +253,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_parses() {
+        let text = include_str!("../control-plane.example.toml");
+        let file: FileConfig = toml::from_str(text).expect("example config parses");
+        assert_eq!(file.listen.as_deref(), Some("0.0.0.0:8787"));
+    }
+
+    #[test]
     fn defaults_and_errors() {
         let c = Config::load(&Overrides::default(), &env_of(&[])).expect("load");
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);

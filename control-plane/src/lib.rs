@@ -17,8 +17,16 @@
 //!   `/ws` seam the tunnel plugs into.
 //! - [`client`]: a minimal HTTP/1.1 client (the `codemantle` CLI and tests use it).
 //! - [`config`]: TOML file + `CODEMANTLE_*` env + flags.
+//! - [`registry`]: creating devices, tokens, tenants with their validation rules (shared by the
+//!   API and the local admin commands).
 //! - [`admin`]: local admin operations on a stopped server's data dir.
+//! - [`sdnotify`]: systemd readiness and watchdog.
 //! - [`secrets`], [`semver`], [`time`]: small helpers.
+//!
+//! Invariants: handlers never touch sled (only `dyn Store`); every entity change commits with
+//! its event; a tenant never sees another tenant's resources (404, same as missing); secrets
+//! are shown once and never logged or put in events (API token secrets are stored hashed,
+//! device secrets raw because they are HMAC keys — the data dir is 0700).
 
 pub mod admin;
 pub mod api;

@@ -63,6 +63,29 @@ enum Command {
     /// Local tenant administration (server stopped).
     #[command(subcommand)]
     Tenant(TenantCommand),
+    /// 0.1.x shared tokens (VALID_TOKENS) for daemons without a device key (server stopped).
+    #[command(subcommand, name = "legacy-token")]
+    LegacyToken(LegacyTokenCommand),
+}
+
+#[derive(Subcommand)]
+enum LegacyTokenCommand {
+    /// Register a shared token: import one from FILE (`-` for stdin) or mint a new one.
+    Add {
+        #[arg(long, default_value = TenantId::DEFAULT)]
+        tenant: String,
+        /// Read the token to import from this file (first line), e.g. one of VALID_TOKENS.
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+        /// Only these device ids may use it (repeatable; default: unbound).
+        #[arg(long = "device", value_name = "ID")]
+        devices: Vec<String>,
+    },
+    /// List the shared tokens of a tenant (key ids only).
+    List {
+        #[arg(long, default_value = TenantId::DEFAULT)]
+        tenant: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -144,6 +167,7 @@ fn main() -> ExitCode {
         Command::Device(c) => cmd_device(&config, c),
         Command::Token(c) => cmd_token(&config, c),
         Command::Tenant(c) => cmd_tenant(&config, c),
+        Command::LegacyToken(c) => cmd_legacy_token(&config, c),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -177,6 +201,8 @@ fn serve(config: &Config) -> anyhow::Result<()> {
     };
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir)?);
     let mut app = App::new(store.clone());
+    // The daemon tunnel plugs in here: `app.tunnel = Arc::new(Tunnel::new(app.store.clone(),
+    // app.presence.clone(), app.metrics.clone()))`; until then `/ws` answers 501.
     app.options = ApiOptions {
         max_body_bytes: config.max_body_bytes,
         public_metrics: config.public_metrics,
@@ -343,6 +369,38 @@ fn cmd_tenant(config: &Config, cmd: TenantCommand) -> anyhow::Result<()> {
         TenantCommand::List => {
             for t in store.tenants()? {
                 println!("{}\t{}", t.id, t.name);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cmd_legacy_token(config: &Config, cmd: LegacyTokenCommand) -> anyhow::Result<()> {
+    let store = admin::open(&config.data_dir)?;
+    match cmd {
+        LegacyTokenCommand::Add {
+            tenant,
+            from_file,
+            devices,
+        } => {
+            let imported = from_file.map(|f| admin::read_secret_file(&f)).transpose()?;
+            let minted = imported.is_none();
+            let t = admin::add_legacy_token(&store, &tenant, imported, &devices)?;
+            println!("key id: {}", t.key_id);
+            if minted {
+                println!("token:  {}", t.token);
+                eprintln!("the token is shown only now: put it in the daemons' configuration");
+            }
+        }
+        LegacyTokenCommand::List { tenant } => {
+            let tenant = TenantId::parse(&tenant)?;
+            for t in store.legacy_tokens(&tenant)? {
+                let bound = t
+                    .devices
+                    .as_ref()
+                    .map_or_else(|| "unbound".to_owned(), |d| d.join(","));
+                let state = if t.revoked { "revoked" } else { "active" };
+                println!("{}\t{state}\t{bound}", t.key_id);
             }
         }
     }

@@ -207,8 +207,9 @@ pub struct ConnectInfo {
 }
 
 /// A 0.1.x-style shared token (`VALID_TOKENS`): optional, for daemons that cannot yet use a
-/// per-device key. Bound to a list of device ids, or unbound (any device id of its tenant that
-/// is registered). Kept raw because it is an HMAC key.
+/// per-device key. Bound to a list of device ids, or unbound. Which device ids an unbound token
+/// may claim (only registered ones of its tenant, or auto-enrolment) is the tunnel's policy.
+/// Kept raw because it is an HMAC key.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 pub struct LegacyToken {
     pub key_id: String,
