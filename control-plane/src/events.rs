@@ -125,6 +125,18 @@ impl CommandRecord {
     }
 }
 
+/// Records a finished device command: one `command` event (in the store, published live) and
+/// the `codemantle_commands_total` / `codemantle_command_duration_seconds` metrics. It writes
+/// to the store, so call it from async code through `smol::unblock`.
+pub fn record_command(
+    store: &dyn crate::store::Store,
+    metrics: &crate::metrics::Metrics,
+    record: &CommandRecord,
+) -> crate::store::StoreResult<Event> {
+    metrics.record_command(&record.command_type, &record.outcome, record.duration);
+    store.append_event(record.to_draft())
+}
+
 /// How many events a live subscriber may have queued before it is dropped.
 pub const SUBSCRIBER_QUEUE: usize = 1024;
 

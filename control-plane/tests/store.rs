@@ -274,7 +274,11 @@ fn events_resume_after_restart_without_gaps() {
         duration: std::time::Duration::from_millis(12),
         at_ms: 100,
     };
-    let cmd = store.append_event(rec.to_draft()).expect("append");
+    let metrics = codemantle_control_plane::metrics::Metrics::new();
+    let cmd =
+        codemantle_control_plane::events::record_command(&store, &metrics, &rec).expect("append");
+    let text = metrics.render(Default::default());
+    assert!(text.contains("codemantle_commands_total{type=\"dr\",outcome=\"ok\"} 1"));
     assert_eq!(cmd.detail["duration_ms"], json!(12));
     let resumed = store.events(&t, resume_from, 1000).expect("events");
     let seqs: Vec<u64> = resumed.iter().map(|e| e.seq).collect();

@@ -93,7 +93,9 @@ struct CreateBody {
     id: Option<String>,
 }
 
-/// `POST /devices` (admin, idempotent): registers a device and returns its secret once.
+/// `POST /devices` (admin, idempotent): registers a device and returns its secret once. With an
+/// `Idempotency-Key`, the stored reply (secret included) is replayed to a retry for 24 h; it
+/// sits in the same 0700 data dir as the device record, which holds the secret anyway.
 pub async fn create(
     app: &Arc<App>,
     principal: &Principal,
