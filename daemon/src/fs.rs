@@ -10,10 +10,12 @@
 //!
 //! - **Listings are sorted by name bytes and paged.** 0.1.50 returned the first `l` entries in
 //!   OS order and ignored the cursor, so directories over 256 entries were truncated. Here the
-//!   order is stable and the cursor (base64url of the last name returned, opaque to callers)
+//!   order is stable and the cursor (opaque to callers; it encodes the last name returned)
 //!   resumes strictly after it, so pages have no duplicates or gaps even if entries are added
 //!   or removed between pages (added ones appear if they sort after the cursor). Each page
-//!   reads the whole directory but keeps only `limit` names in memory.
+//!   reads the whole directory but keeps only `limit` names in memory. The cursor always fits
+//!   the wire's 128-character `k` field (see [`Cursor`] for how names over 95 bytes are
+//!   encoded, and the one rare case where that can repeat entries).
 //! - **mtime is in seconds** since the epoch, clamped to `u32`. 0.1.50 sent milliseconds, which
 //!   always clamped to `u32::MAX`, i.e. carried no information.
 //! - **Sizes are real** (`st_size`) for files; directories report 0, as in 0.1.50.
@@ -103,7 +105,7 @@ pub fn list_dir(
 ) -> Result<Listing, GuardError> {
     let rel = RelPath::parse(path)?;
     let limit = limit.clamp(1, MAX_LIST_LIMIT);
-    let after = cursor.map(decode_cursor).transpose()?;
+    let after = cursor.map(Cursor::decode).transpose()?;
 
     let fd = root.open_dir(&rel)?;
     let stat_fd = fd.try_clone().map_err(|e| io_error("dup", &rel, &e))?;
@@ -114,6 +116,7 @@ pub fn list_dir(
     // Max-heap of the smallest `limit` candidate names seen so far.
     let mut page: BinaryHeap<Vec<u8>> = BinaryHeap::with_capacity(limit + 1);
     let mut more = false;
+    let mut undecided: Vec<Vec<u8>> = Vec::new();
     for entry in dir.iter() {
         let entry = entry.map_err(|e| GuardError::from_errno("readdir", &rel.to_string(), e))?;
         let name = entry.file_name().to_bytes();
@@ -138,24 +141,29 @@ pub fn list_dir(
             listing.skipped_other = listing.skipped_other.saturating_add(1);
             continue;
         }
-        if after.as_deref().is_some_and(|a| name <= a) {
-            continue;
-        }
-        if page.len() < limit {
-            page.push(name.to_vec());
-        } else {
-            more = true;
-            if page.peek().is_some_and(|largest| name < largest.as_slice()) {
-                page.pop();
-                page.push(name.to_vec());
-            }
+        match after.as_ref().map(|c| c.position(name)) {
+            None | Some(Position::After) => offer(&mut page, &mut more, limit, name.to_vec()),
+            Some(Position::AtOrBefore) => {}
+            Some(Position::Undecided) => undecided.push(name.to_vec()),
         }
     }
     drop(dir);
+    if let Some(Cursor::Hashed { hash, .. }) = &after {
+        // Names sharing the cursor's 87-byte prefix: resume after the one whose hash matches.
+        // If it was removed since, the whole group is offered again (duplicates, never gaps).
+        undecided.sort();
+        let start = undecided
+            .iter()
+            .position(|n| &name_hash(n) == hash)
+            .map_or(0, |i| i + 1);
+        for name in undecided.drain(start..) {
+            offer(&mut page, &mut more, limit, name);
+        }
+    }
 
     let names = page.into_sorted_vec();
     if more {
-        listing.next_cursor = names.last().map(|n| URL_SAFE_NO_PAD.encode(n));
+        listing.next_cursor = names.last().map(|n| Cursor::encode(n));
     }
     for name in names {
         let cname = name_cstr(&name)?;
@@ -183,15 +191,106 @@ pub fn list_dir(
     Ok(listing)
 }
 
-fn decode_cursor(cursor: &str) -> Result<Vec<u8>, GuardError> {
-    URL_SAFE_NO_PAD
-        .decode(cursor)
-        .ok()
-        .filter(|n| !n.is_empty() && n.len() <= crate::guard::path::MAX_COMPONENT_BYTES)
-        .ok_or_else(|| GuardError::InvalidArgument {
+/// Keep `name` if it is among the smallest `limit` offered so far.
+fn offer(page: &mut BinaryHeap<Vec<u8>>, more: &mut bool, limit: usize, name: Vec<u8>) {
+    if page.len() < limit {
+        page.push(name);
+    } else {
+        *more = true;
+        if page.peek().is_some_and(|largest| name < *largest) {
+            page.pop();
+            page.push(name);
+        }
+    }
+}
+
+/// Longest name (bytes) a cursor carries verbatim: `"n"` + base64url of 95 bytes = 128 chars.
+const CURSOR_EXACT_MAX: usize = 95;
+/// Prefix kept of a longer name: `"h"` + base64url(87 + 8 bytes) = 128 chars.
+const CURSOR_PREFIX: usize = 87;
+/// Longest cursor emitted, in characters (the protocol's `k` limit).
+pub const MAX_CURSOR_CHARS: usize = 128;
+
+/// The listing cursor: the position after the last name returned.
+///
+/// A name of up to 95 bytes is carried verbatim (`n` + base64url). A longer one (names may be
+/// 255 bytes, which would need 340 characters) is carried as its first 87 bytes plus 8 bytes
+/// of its SHA-256 (`h` + base64url): names sorting after the prefix group are after the cursor,
+/// and inside the group (names starting with those 87 bytes) the hash finds the exact name. If
+/// that name was removed between pages, its group is listed again from its start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Cursor {
+    Exact(Vec<u8>),
+    Hashed { prefix: Vec<u8>, hash: [u8; 8] },
+}
+
+enum Position {
+    AtOrBefore,
+    After,
+    /// In the hashed cursor's prefix group; decided once the whole group is known.
+    Undecided,
+}
+
+fn name_hash(name: &[u8]) -> [u8; 8] {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(name);
+    let mut h = [0u8; 8];
+    h.copy_from_slice(&digest[..8]);
+    h
+}
+
+impl Cursor {
+    fn encode(name: &[u8]) -> String {
+        if name.len() <= CURSOR_EXACT_MAX {
+            format!("n{}", URL_SAFE_NO_PAD.encode(name))
+        } else {
+            let mut raw = name[..CURSOR_PREFIX].to_vec();
+            raw.extend_from_slice(&name_hash(name));
+            format!("h{}", URL_SAFE_NO_PAD.encode(raw))
+        }
+    }
+
+    fn decode(cursor: &str) -> Result<Cursor, GuardError> {
+        let bad = || GuardError::InvalidArgument {
             what: "listing cursor is not one this daemon issued — list again without a cursor"
                 .to_owned(),
-        })
+        };
+        if cursor.len() > MAX_CURSOR_CHARS {
+            return Err(bad());
+        }
+        let (kind, body) = cursor.split_at_checked(1).ok_or_else(bad)?;
+        let raw = URL_SAFE_NO_PAD.decode(body).map_err(|_| bad())?;
+        match kind {
+            "n" if !raw.is_empty() && raw.len() <= CURSOR_EXACT_MAX => Ok(Cursor::Exact(raw)),
+            "h" if raw.len() == CURSOR_PREFIX + 8 => {
+                let (prefix, hash) = raw.split_at(CURSOR_PREFIX);
+                let mut h = [0u8; 8];
+                h.copy_from_slice(hash);
+                Ok(Cursor::Hashed {
+                    prefix: prefix.to_vec(),
+                    hash: h,
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    fn position(&self, name: &[u8]) -> Position {
+        match self {
+            Cursor::Exact(last) if name <= last.as_slice() => Position::AtOrBefore,
+            Cursor::Exact(_) => Position::After,
+            Cursor::Hashed { prefix, .. } => {
+                // The cursor's name is longer than `prefix` and starts with it.
+                if name.len() > prefix.len() && name.starts_with(prefix) {
+                    Position::Undecided
+                } else if name <= prefix.as_slice() {
+                    Position::AtOrBefore
+                } else {
+                    Position::After
+                }
+            }
+        }
+    }
 }
 
 fn stat_entry(dir: BorrowedFd<'_>, name: &CStr) -> Result<FileStat, Errno> {
@@ -444,12 +543,34 @@ mod tests {
 
     #[test]
     fn cursor_round_trip_and_rejects_garbage() {
-        let c = URL_SAFE_NO_PAD.encode(b"name.txt");
-        assert_eq!(decode_cursor(&c).unwrap(), b"name.txt");
+        let c = Cursor::encode(b"name.txt");
         assert_eq!(
-            decode_cursor("!!").unwrap_err().wire_code(),
-            ErrorCode::Path
+            Cursor::decode(&c).unwrap(),
+            Cursor::Exact(b"name.txt".to_vec())
         );
-        assert_eq!(decode_cursor("").unwrap_err().wire_code(), ErrorCode::Path);
+        for bad in ["!!", "", "n", "x", "nAA!", &"n".repeat(200)] {
+            assert_eq!(
+                Cursor::decode(bad).unwrap_err().wire_code(),
+                ErrorCode::Path,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn cursor_always_fits_the_wire() {
+        for len in [1, 94, 95, 96, 200, 255] {
+            let name = vec![b'x'; len];
+            let c = Cursor::encode(&name);
+            assert!(c.len() <= MAX_CURSOR_CHARS, "{len}: {}", c.len());
+            match Cursor::decode(&c).unwrap() {
+                Cursor::Exact(n) => assert_eq!(n, name),
+                Cursor::Hashed { prefix, hash } => {
+                    assert!(len > CURSOR_EXACT_MAX);
+                    assert_eq!(prefix, &name[..CURSOR_PREFIX]);
+                    assert_eq!(hash, name_hash(&name));
+                }
+            }
+        }
     }
 }

@@ -284,3 +284,55 @@ fn rename_semantics() {
         f.assert_outside_untouched();
     }
 }
+
+/// Names longer than a cursor can carry (> 95 bytes), many sharing a long prefix: the cursor
+/// still fits the wire's 128 characters and pages still tile the sorted set exactly.
+#[test]
+fn paging_long_names_with_shared_prefixes() {
+    for r in RESOLVERS {
+        let f = Fixture::new(r);
+        std::fs::create_dir(f.p("long")).unwrap();
+        let shared = "p".repeat(120);
+        let mut expected = BTreeSet::new();
+        for i in 0..60 {
+            let name = match i % 3 {
+                0 => format!("{shared}{i:03}{}", "z".repeat(100)),
+                1 => format!("{}{i:03}", "q".repeat(200)),
+                _ => format!("short{i:03}"),
+            };
+            std::fs::write(f.p(&format!("long/{name}")), b"").unwrap();
+            expected.insert(name);
+        }
+        let mut all = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let page = list_dir(&f.root, "long", 7, cursor.as_deref()).unwrap();
+            all.extend(page.entries.into_iter().map(|e| e.name));
+            match page.next_cursor {
+                Some(c) => {
+                    assert!(c.len() <= codemantle_daemon::fs::MAX_CURSOR_CHARS, "{r:?}");
+                    cursor = Some(c);
+                }
+                None => break,
+            }
+        }
+        assert_eq!(all, expected.iter().cloned().collect::<Vec<_>>(), "{r:?}");
+
+        // The cursor's own long name removed between pages: no gaps (its prefix group may
+        // be offered again).
+        let first = list_dir(&f.root, "long", 3, None).unwrap();
+        let last = first.entries.last().unwrap().name.clone();
+        assert!(last.len() > 95);
+        std::fs::remove_file(f.p(&format!("long/{last}"))).unwrap();
+        let mut rest = Vec::new();
+        let mut cursor = first.next_cursor;
+        while let Some(c) = cursor {
+            let page = list_dir(&f.root, "long", 50, Some(&c)).unwrap();
+            rest.extend(page.entries.into_iter().map(|e| e.name));
+            cursor = page.next_cursor;
+        }
+        for name in expected.iter().filter(|n| **n > last) {
+            assert!(rest.contains(name), "{r:?}: gap at {name}");
+        }
+    }
+}
