@@ -1340,15 +1340,15 @@ impl Message {
         self.expected_reply().and_then(MessageKind::tag)
     }
 
-    /// True if `reply` is the reply this request is waiting for: the expected kind and the same
-    /// request id (an `e` with the same id also counts: it fails the request).
+    /// True if `reply` settles this request: the same request id and either the expected kind
+    /// or an `e` (which fails the request), as 0.1.50's control plane correlates. Always false
+    /// for `sl`, whose `sc` chunks carry the stream id instead of `i`.
     pub fn is_answered_by(&self, reply: &Message) -> bool {
         let (Some(id), Some(kind)) = (self.request_id(), self.expected_reply()) else {
             return false;
         };
         reply.request_id() == Some(id)
             && (reply.kind() == kind || reply.kind() == MessageKind::Error)
-            && kind != MessageKind::StreamChunk
     }
 
     /// Builds a message from the entries of a decoded frame.
