@@ -25,8 +25,8 @@
 //! counts are checked against the input left and the field's limit before anything is read or
 //! allocated; JSON is parsed under a depth limit and a value budget.
 //!
-//! **Frame size**: [`MAX_JSON_FRAME_BYTES`](crate::limits::MAX_JSON_FRAME_BYTES) (24 MiB, the
-//! 0.1.50 `maxPayload`) and [`MAX_CBOR_FRAME_BYTES`](crate::limits::MAX_CBOR_FRAME_BYTES)
+//! **Frame size**: [`MAX_JSON_FRAME_BYTES`] (24 MiB, the
+//! 0.1.50 `maxPayload`) and [`MAX_CBOR_FRAME_BYTES`]
 //! (17 MiB: a 16 MiB proxy body as raw bytes plus headers). The WebSocket layer should use
 //! [`Codec::max_frame_bytes`] as its message size limit.
 //!
