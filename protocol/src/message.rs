@@ -18,7 +18,7 @@
 use serde_json::Value;
 
 use crate::codec::field::{
-    Bytes, Clamp32, Code, Entry, FLAG, FLAG_ALWAYS, FLAG_IF_CLEARED, FLAG_IF_SET, Fields,
+    Bytes, Clamp32, Code, EntryList, FLAG, FLAG_ALWAYS, FLAG_IF_CLEARED, FLAG_IF_SET, Fields,
     JsonObject, List, Opt, PairOf, RequestId, Text, WireEnum, WireObject, check_keys, enumeration,
     object, uint,
 };
@@ -342,7 +342,7 @@ wire_object! {
         /// `k`: cursor for the next page (0.1.50 only echoes the request's cursor).
         pub cursor: Option<String> = "k" => Opt(Text(limits::LISTING_CURSOR)),
         /// `e`: entries, at most 256.
-        pub entries: Vec<DirEntry> = "e" => List { max: limits::MAX_DIR_ENTRIES, item: Entry, omit_empty: false },
+        pub entries: Vec<DirEntry> = "e" => EntryList { max: limits::MAX_DIR_ENTRIES },
     }
 }
 

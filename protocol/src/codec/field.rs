@@ -13,9 +13,8 @@ use std::marker::PhantomData;
 
 use serde_json::Value;
 
-use super::Codec;
-use super::Sink;
 use super::val::{Val, Why};
+use super::{Codec, Sink, cbor};
 use crate::error::{DecodeError, EncodeError, ErrorCode};
 use crate::limits::{
     self, ENTRY_NAME, MAX_DEPTH, MAX_FREE_FORM_VALUES, MAX_MESSAGE_KEYS, TextLimit,
@@ -582,48 +581,9 @@ impl FieldKind for Entry {
     }
 
     fn read(&self, v: Val<'_>, codec: Codec) -> Result<DirEntry, Why> {
-        let mut items = v.array(4)?;
-        let mut next = || items.next().ok_or("entry too short").and_then(|r| r);
-        match codec {
-            Codec::Json => {
-                let kind = next()?.text(&TextLimit::new(1, 1))?;
-                let name = next()?.text(&ENTRY_NAME)?.to_owned();
-                let mut u32_item = || {
-                    let n = next()?.uint()?;
-                    if n > u64::from(u32::MAX) {
-                        return Err("out of range");
-                    }
-                    Ok(n)
-                };
-                let entry = match kind {
-                    "d" => {
-                        u32_item()?;
-                        DirEntry::Dir { name }
-                    }
-                    "f" => DirEntry::File {
-                        name,
-                        size: u32_item()?,
-                        mtime_ms: u32_item()?,
-                    },
-                    _ => return Err("entry kind must be \"d\" or \"f\""),
-                };
-                if items.len() != 0 {
-                    return Err("entry too long");
-                }
-                Ok(entry)
-            }
-            Codec::Cbor => {
-                let name = next()?.text(&ENTRY_NAME)?.to_owned();
-                match items.len() {
-                    0 => Ok(DirEntry::Dir { name }),
-                    2 => Ok(DirEntry::File {
-                        name,
-                        size: items.next().ok_or("entry too short")??.uint()?,
-                        mtime_ms: items.next().ok_or("entry too short")??.uint()?,
-                    }),
-                    _ => Err("entry must have 1 or 3 items"),
-                }
-            }
+        match (codec, v) {
+            (Codec::Cbor, Val::Cbor(b)) => read_native_entry(b, 0).map(|(entry, _)| entry),
+            _ => read_compat_entry(v),
         }
     }
 
@@ -640,6 +600,131 @@ impl FieldKind for Entry {
                 mtime_ms: clamp32(*mtime_ms),
             },
         }
+    }
+}
+
+/// `["d", name, n]` or `["f", name, size, mtime]`, numbers within uint32.
+fn read_compat_entry(v: Val<'_>) -> Result<DirEntry, Why> {
+    let mut items = v.array(4)?;
+    let mut next = || items.next().ok_or("entry too short").and_then(|r| r);
+    let kind = next()?.text(&TextLimit::new(1, 1))?;
+    let name = next()?.text(&ENTRY_NAME)?.to_owned();
+    let mut u32_item = || {
+        let n = next()?.uint()?;
+        if n > u64::from(u32::MAX) {
+            return Err("out of range");
+        }
+        Ok(n)
+    };
+    let entry = match kind {
+        "d" => {
+            u32_item()?;
+            DirEntry::Dir { name }
+        }
+        "f" => DirEntry::File {
+            name,
+            size: u32_item()?,
+            mtime_ms: u32_item()?,
+        },
+        _ => return Err("entry kind must be \"d\" or \"f\""),
+    };
+    if items.len() != 0 {
+        return Err("entry too long");
+    }
+    Ok(entry)
+}
+
+/// `[name]` or `[name, size, mtime_ms]` at `pos`, read in one pass; returns the entry and the
+/// offset after it.
+fn read_native_entry(b: &[u8], pos: usize) -> Result<(DirEntry, usize), Why> {
+    let head = |pos| cbor::head(b, pos).map_err(|_| "malformed");
+    let tuple = head(pos)?;
+    if tuple.major != cbor::ARRAY {
+        return Err("expected an array");
+    }
+    let name = head(tuple.next)?;
+    if name.major != cbor::TEXT {
+        return Err("expected a string");
+    }
+    if name.arg > ENTRY_NAME.max_utf8_bytes() as u64 {
+        return Err("too long");
+    }
+    let name_end = name.next + name.arg as usize;
+    let text = b.get(name.next..name_end).ok_or("malformed")?;
+    let text = std::str::from_utf8(text).map_err(|_| "invalid UTF-8")?;
+    ENTRY_NAME.check(text)?;
+    let name = text.to_owned();
+    match tuple.arg {
+        1 => Ok((DirEntry::Dir { name }, name_end)),
+        3 => {
+            let size = head(name_end)?;
+            let mtime = head(size.next)?;
+            if size.major != cbor::UINT || mtime.major != cbor::UINT {
+                return Err("expected an unsigned integer");
+            }
+            let entry = DirEntry::File {
+                name,
+                size: size.arg,
+                mtime_ms: mtime.arg,
+            };
+            Ok((entry, mtime.next))
+        }
+        _ => Err("entry must have 1 or 3 items"),
+    }
+}
+
+/// `ds.e`: at most `max` directory entries. Listings are the largest structured frames, so in
+/// CBOR the entries are read in a single pass over the array (each tuple read straight through)
+/// rather than item by item.
+#[derive(Clone, Copy)]
+pub(crate) struct EntryList {
+    pub(crate) max: usize,
+}
+
+impl EntryList {
+    fn generic(self) -> List<Entry> {
+        List {
+            max: self.max,
+            item: Entry,
+            omit_empty: false,
+        }
+    }
+}
+
+impl FieldKind for EntryList {
+    type Value = Vec<DirEntry>;
+
+    fn check(&self, v: &Vec<DirEntry>, codec: Codec) -> Result<(), Why> {
+        self.generic().check(v, codec)
+    }
+
+    fn write<S: Sink>(&self, v: &Vec<DirEntry>, s: &mut S) {
+        self.generic().write(v, s);
+    }
+
+    fn read(&self, v: Val<'_>, codec: Codec) -> Result<Vec<DirEntry>, Why> {
+        let (Codec::Cbor, Val::Cbor(b)) = (codec, v) else {
+            return self.generic().read(v, codec);
+        };
+        let list = cbor::head(b, 0).map_err(|_| "malformed")?;
+        if list.major != cbor::ARRAY {
+            return Err("expected an array");
+        }
+        if list.arg > self.max as u64 {
+            return Err("too many items");
+        }
+        let mut out = Vec::with_capacity(list.arg as usize);
+        let mut pos = list.next;
+        for _ in 0..list.arg {
+            let (entry, end) = read_native_entry(b, pos)?;
+            out.push(entry);
+            pos = end;
+        }
+        Ok(out)
+    }
+
+    fn compat(&self, v: &Vec<DirEntry>) -> Vec<DirEntry> {
+        self.generic().compat(v)
     }
 }
 
