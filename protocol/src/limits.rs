@@ -271,6 +271,8 @@ pub const MAX_DIR_ENTRIES: usize = 256;
 pub const DIR_CURSOR: TextLimit = TextLimit::new(0, 128);
 /// `ds.k`: paging cursor in a listing, 1..128.
 pub const LISTING_CURSOR: TextLimit = TextLimit::new(1, 128);
+/// `ik` (native only): idempotency key of a mutating request, 8..64 base64url characters.
+pub const IDEMPOTENCY_KEY: TextLimit = TextLimit::new(8, 64).chars(Charset::Id);
 /// `ds.e[].name`: one directory entry name, 1..255.
 pub const ENTRY_NAME: TextLimit = TextLimit::new(1, 255);
 

@@ -356,6 +356,10 @@ wire_object! {
         pub root: String = "r" => TEXT_ROOT,
         /// `p`: path relative to the root.
         pub path: String = "p" => TEXT_PATH,
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -370,6 +374,10 @@ wire_object! {
         pub path: String = "p" => TEXT_PATH,
         /// `rc`: remove contents too. Native only; 0.1.x removes empty directories only.
         pub recursive: bool = "rc" => FLAG_IF_SET; native,
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -387,6 +395,10 @@ wire_object! {
         /// `ow`: replace an existing destination. Native only (written only when `false`);
         /// 0.1.x always replaces, so JSON frames decode as `true`.
         pub overwrite: bool = "ow" => FLAG_IF_CLEARED; native,
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -438,6 +450,10 @@ wire_object! {
         pub folder: Option<String> = "p" => Opt(TEXT_PATH),
         /// `j`: JIT credential.
         pub jit: Option<JitCredential> = "j" => Opt(object::<JitCredential>()),
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -448,6 +464,10 @@ wire_object! {
         pub request_id: u32 = "i" => RequestId,
         /// `s`: session id.
         pub session_id: String = "s" => Text(limits::SESSION_ID),
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -544,6 +564,10 @@ wire_object! {
         pub session_id: String = "s" => Text(limits::SESSION_ID),
         /// `p`: prompt text, 1..8000.
         pub prompt: String = "p" => Text(limits::PROMPT),
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -677,6 +701,10 @@ wire_object! {
         pub model_id: Option<String> = "om" => Opt(Text(limits::SETUP_SHORT)),
         /// `rt`: request timeout in milliseconds.
         pub request_timeout_ms: Option<u32> = "rt" => Opt(uint::<u32>(limits::REQUEST_TIMEOUT_MS)),
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -721,6 +749,10 @@ wire_object! {
         /// `cfg`: the payload, a JSON object (a CBOR map in native mode). Key order is not
         /// preserved; the digest is over the canonical form, which sorts keys itself.
         pub config: Value = "cfg" => JsonObject,
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -782,6 +814,10 @@ wire_object! {
         pub close_tunnel: bool = "x" => FLAG_ALWAYS,
         /// `m`: reason, ≤128.
         pub reason: Option<String> = "m" => Opt(Text(limits::KILL_REASON)),
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -816,6 +852,10 @@ wire_object! {
         pub url: String = "u" => Text(limits::GIT_URL),
         /// `b`: branch.
         pub branch: Option<String> = "b" => Opt(Text(limits::GIT_REF)),
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -832,6 +872,10 @@ wire_object! {
         pub pathspec: Option<String> = "f" => Opt(Text(limits::GIT_PATHSPEC)),
         /// `A`: stage everything (`add -A`).
         pub all: bool = "A" => FLAG_IF_SET,
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -848,6 +892,10 @@ wire_object! {
         pub message: String = "m" => Text(limits::COMMIT_MESSAGE),
         /// `a`: amend.
         pub amend: bool = "a" => FLAG_IF_SET,
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -864,6 +912,10 @@ wire_object! {
         pub remote: Option<String> = "o" => Opt(Text(limits::GIT_REMOTE)),
         /// `b`: branch.
         pub branch: Option<String> = "b" => Opt(Text(limits::GIT_REF)),
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -880,6 +932,10 @@ wire_object! {
         pub action: Option<BranchAction> = "a" => Opt(enumeration::<BranchAction>()),
         /// `n`: branch name.
         pub name: Option<String> = "n" => Opt(Text(limits::GIT_REF)),
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -896,6 +952,10 @@ wire_object! {
         pub branch: String = "b" => Text(limits::GIT_REF),
         /// `c`: create it (`checkout -b`).
         pub create: bool = "c" => FLAG_IF_SET,
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -918,6 +978,10 @@ wire_object! {
         pub global: bool = "g" => FLAG_IF_SET,
         /// `cm`: enable the credential manager.
         pub credential_manager: bool = "cm" => FLAG_IF_SET,
+        /// `ik`: idempotency key. Native only. The daemon records the outcome under it and
+        /// answers a re-send (after a reconnect, or a control-plane restart that reuses
+        /// request ids) from the record instead of running the command twice.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
     }
 }
 
@@ -1333,6 +1397,59 @@ impl Message {
             Message::ReplayLog(_) => MessageKind::StreamChunk,
             _ => return None,
         })
+    }
+    /// The native idempotency key (`ik`) of a mutating request, if it carries one.
+    pub fn idempotency_key(&self) -> Option<&str> {
+        match self {
+            Message::MakeDir(m) => m.idempotency_key.as_deref(),
+            Message::GitStatus(m) => m.idempotency_key.as_deref(),
+            Message::GitInit(m) => m.idempotency_key.as_deref(),
+            Message::RemoveDir(m) => m.idempotency_key.as_deref(),
+            Message::Rename(m) => m.idempotency_key.as_deref(),
+            Message::StartSession(m) => m.idempotency_key.as_deref(),
+            Message::StopSession(m) => m.idempotency_key.as_deref(),
+            Message::Prompt(m) => m.idempotency_key.as_deref(),
+            Message::SetupSave(m) => m.idempotency_key.as_deref(),
+            Message::ConfigPush(m) => m.idempotency_key.as_deref(),
+            Message::JitKill(m) => m.idempotency_key.as_deref(),
+            Message::GitClone(m) => m.idempotency_key.as_deref(),
+            Message::GitAdd(m) => m.idempotency_key.as_deref(),
+            Message::GitCommit(m) => m.idempotency_key.as_deref(),
+            Message::GitPush(m) => m.idempotency_key.as_deref(),
+            Message::GitPull(m) => m.idempotency_key.as_deref(),
+            Message::GitBranch(m) => m.idempotency_key.as_deref(),
+            Message::GitCheckout(m) => m.idempotency_key.as_deref(),
+            Message::GitConfig(m) => m.idempotency_key.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Sets the native idempotency key (`ik`) on a request that can carry one. Returns `false`
+    /// (and changes nothing) for messages that have no `ik` field.
+    pub fn set_idempotency_key(&mut self, key: Option<String>) -> bool {
+        match self {
+            Message::MakeDir(m) => m.idempotency_key = key,
+            Message::GitStatus(m) => m.idempotency_key = key,
+            Message::GitInit(m) => m.idempotency_key = key,
+            Message::RemoveDir(m) => m.idempotency_key = key,
+            Message::Rename(m) => m.idempotency_key = key,
+            Message::StartSession(m) => m.idempotency_key = key,
+            Message::StopSession(m) => m.idempotency_key = key,
+            Message::Prompt(m) => m.idempotency_key = key,
+            Message::SetupSave(m) => m.idempotency_key = key,
+            Message::ConfigPush(m) => m.idempotency_key = key,
+            Message::JitKill(m) => m.idempotency_key = key,
+            Message::GitClone(m) => m.idempotency_key = key,
+            Message::GitAdd(m) => m.idempotency_key = key,
+            Message::GitCommit(m) => m.idempotency_key = key,
+            Message::GitPush(m) => m.idempotency_key = key,
+            Message::GitPull(m) => m.idempotency_key = key,
+            Message::GitBranch(m) => m.idempotency_key = key,
+            Message::GitCheckout(m) => m.idempotency_key = key,
+            Message::GitConfig(m) => m.idempotency_key = key,
+            _ => return false,
+        }
+        true
     }
 
     /// The wire tag of [`Message::expected_reply`] (`"cv"` for both `cu` and `cc`).

@@ -6,6 +6,7 @@ use codemantle_protocol::message::*;
 
 fn path_request(request_id: u32) -> PathRequest {
     PathRequest {
+        idempotency_key: None,
         request_id,
         root: "cwd".into(),
         path: ".".into(),
@@ -27,6 +28,7 @@ fn requests_know_their_reply() {
         ),
         (
             Message::StopSession(StopSession {
+                idempotency_key: None,
                 request_id: 1,
                 session_id: "s".into(),
             }),
@@ -52,6 +54,7 @@ fn requests_know_their_reply() {
         assert_eq!(req.expected_reply_tag(), Some(tag), "{}", req.type_tag());
     }
     let cu = Message::SetupSave(SetupSave {
+        idempotency_key: None,
         request_id: 2,
         control_plane_url: "wss://cp".into(),
         auth_token: String::new(),
@@ -74,6 +77,7 @@ fn requests_know_their_reply() {
     );
     assert_eq!(
         Message::Prompt(Prompt {
+            idempotency_key: None,
             request_id: 1,
             stream_id: "abcdefgh".into(),
             session_id: "s".into(),
@@ -139,6 +143,7 @@ fn encoder_refuses_what_the_receiver_would_drop() {
         })
     );
     let bad_id = Message::StopSession(StopSession {
+        idempotency_key: None,
         request_id: 1,
         session_id: "../etc".into(),
     });
@@ -163,6 +168,7 @@ fn encoder_refuses_what_the_receiver_would_drop() {
     };
     assert!(encode(&unknown_with_known_tag, Codec::Cbor).is_err());
     let not_object = Message::ConfigPush(ConfigPush {
+        idempotency_key: None,
         request_id: 1,
         phase: None,
         scope: None,
@@ -191,6 +197,7 @@ fn config_push_carries_the_vector_payload_in_both_codecs() {
     let cfg: serde_json::Value =
         serde_json::from_str(runtime["json"].as_str().expect("json")).expect("cfg parses");
     let msg = Message::ConfigPush(ConfigPush {
+        idempotency_key: None,
         request_id: 12,
         phase: Some(ConfigPhase::Runtime),
         scope: Some(ConfigScope::Full),
@@ -238,4 +245,26 @@ fn compat_view_drops_native_fields() {
     );
     let plain = Message::GitInit(path_request(3));
     assert_eq!(plain.to_compat(), plain);
+}
+
+#[test]
+fn idempotency_key_is_native_only() {
+    let mut msg = Message::MakeDir(PathRequest {
+        idempotency_key: None,
+        request_id: 7,
+        root: "cwd".into(),
+        path: "build".into(),
+    });
+    assert!(msg.set_idempotency_key(Some("ik_0123456789abcdef".into())));
+    assert_eq!(msg.idempotency_key(), Some("ik_0123456789abcdef"));
+
+    let native = encode(&msg, Codec::Cbor).expect("cbor");
+    assert_eq!(decode(&native, Codec::Cbor).expect("decodes"), msg);
+
+    let json = String::from_utf8(encode(&msg, Codec::Json).expect("json")).expect("utf8");
+    assert_eq!(json, r#"{"v":1,"t":"md","i":7,"r":"cwd","p":"build"}"#);
+
+    let mut reply = Message::error(ErrorCode::Path, Some(7), None);
+    assert!(!reply.set_idempotency_key(Some("ik_0123456789abcdef".into())));
+    assert_eq!(reply.idempotency_key(), None);
 }

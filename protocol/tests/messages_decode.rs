@@ -250,6 +250,7 @@ fn native_only_keys_are_ignored_in_json_and_never_written() {
     assert!(r.overwrite, "0.1.x renames replace the destination");
 
     let native = Message::RemoveDir(RemoveDir {
+        idempotency_key: None,
         request_id: 1,
         root: "cwd".into(),
         path: "x".into(),
@@ -262,6 +263,7 @@ fn native_only_keys_are_ignored_in_json_and_never_written() {
     assert_ne!(native.to_compat(), native);
 
     let keep = Message::Rename(Rename {
+        idempotency_key: None,
         request_id: 2,
         root: "cwd".into(),
         source: "a".into(),
@@ -535,6 +537,7 @@ fn free_form_config_nesting_is_bounded() {
     };
     let push = |cfg: serde_json::Value| {
         Message::ConfigPush(ConfigPush {
+            idempotency_key: None,
             request_id: 1,
             phase: None,
             scope: None,

@@ -202,6 +202,7 @@ fn dir_entry() -> BoxedStrategy<DirEntry> {
 fn path_request() -> BoxedStrategy<PathRequest> {
     (any::<u32>(), root(), path())
         .prop_map(|(request_id, root, path)| PathRequest {
+            idempotency_key: None,
             request_id,
             root,
             path,
@@ -234,6 +235,7 @@ fn git_sync() -> BoxedStrategy<GitSync> {
         opt(text(0, 256)),
     )
         .prop_map(|(request_id, root, path, remote, branch)| GitSync {
+            idempotency_key: None,
             request_id,
             root,
             path,
@@ -379,6 +381,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
             (any::<u32>(), root(), path(), any::<bool>())
                 .prop_map(|(request_id, root, path, recursive)| {
                     Message::RemoveDir(RemoveDir {
+                        idempotency_key: None,
                         request_id,
                         root,
                         path,
@@ -393,6 +396,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
             (any::<u32>(), root(), path(), path(), any::<bool>())
                 .prop_map(|(request_id, root, source, dest, overwrite)| {
                     Message::Rename(Rename {
+                        idempotency_key: None,
                         request_id,
                         root,
                         source,
@@ -434,6 +438,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
             )
                 .prop_map(|(request_id, session_id, folder, jit)| {
                     Message::StartSession(StartSession {
+                        idempotency_key: None,
                         request_id,
                         session_id,
                         folder,
@@ -467,6 +472,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
             (any::<u32>(), session_id())
                 .prop_map(|(request_id, session_id)| {
                     Message::StopSession(StopSession {
+                        idempotency_key: None,
                         request_id,
                         session_id,
                     })
@@ -543,6 +549,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
             (any::<u32>(), stream_id(), session_id(), text(1, 8000))
                 .prop_map(|(request_id, stream_id, session_id, prompt)| {
                     Message::Prompt(Prompt {
+                        idempotency_key: None,
                         request_id,
                         stream_id,
                         session_id,
@@ -666,6 +673,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
             )
                 .prop_map(|((i, u, a, oc), (oh, os, op, om, rt))| {
                     Message::SetupSave(SetupSave {
+                        idempotency_key: None,
                         request_id: i,
                         control_plane_url: u,
                         auth_token: a,
@@ -705,6 +713,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
             )
                 .prop_map(|((i, ph, sc, tid), (tv, ts, ap, pd), (alg, sg, pm, cfg))| {
                     Message::ConfigPush(ConfigPush {
+                        idempotency_key: None,
                         request_id: i,
                         phase: ph,
                         scope: sc,
@@ -774,6 +783,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
                 .prop_map(
                     |(request_id, session_id, credential_ref, close_tunnel, reason)| {
                         Message::JitKill(JitKill {
+                            idempotency_key: None,
                             request_id,
                             session_id,
                             credential_ref,
@@ -832,6 +842,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
             )
                 .prop_map(|(request_id, root, path, url, branch)| {
                     Message::GitClone(GitClone {
+                        idempotency_key: None,
                         request_id,
                         root,
                         path,
@@ -853,6 +864,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
             )
                 .prop_map(|(request_id, root, path, pathspec, all)| {
                     Message::GitAdd(GitAdd {
+                        idempotency_key: None,
                         request_id,
                         root,
                         path,
@@ -868,6 +880,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
             (any::<u32>(), root(), path(), text(0, 1024), any::<bool>())
                 .prop_map(|(request_id, root, path, message, amend)| {
                     Message::GitCommit(GitCommit {
+                        idempotency_key: None,
                         request_id,
                         root,
                         path,
@@ -910,6 +923,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
             )
                 .prop_map(|(request_id, root, path, action, name)| {
                     Message::GitBranch(GitBranch {
+                        idempotency_key: None,
                         request_id,
                         root,
                         path,
@@ -944,6 +958,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
             (any::<u32>(), root(), path(), text(0, 256), any::<bool>())
                 .prop_map(|(request_id, root, path, branch, create)| {
                     Message::GitCheckout(GitCheckout {
+                        idempotency_key: None,
                         request_id,
                         root,
                         path,
@@ -971,6 +986,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
             )
                 .prop_map(|((i, r, p), (a, n, e, g, cm))| {
                     Message::GitConfig(GitConfig {
+                        idempotency_key: None,
                         request_id: i,
                         root: r,
                         path: p,
@@ -1052,7 +1068,15 @@ const KNOWN_TAGS: &[&str] = &[
 ];
 
 fn any_message() -> impl Strategy<Value = Message> {
-    Union::new(all_messages().into_iter().map(|(_, s)| s))
+    // Mutating requests may carry the native `ik`; set it on a share of them.
+    (
+        Union::new(all_messages().into_iter().map(|(_, s)| s)),
+        opt(id(8, 64)),
+    )
+        .prop_map(|(mut msg, key)| {
+            msg.set_idempotency_key(key);
+            msg
+        })
 }
 
 fn uses_native_error_code(m: &Message) -> bool {
