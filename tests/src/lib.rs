@@ -1,2 +1,6 @@
 //! Helpers for end-to-end tests: start the real binaries on loopback, simulated daemons, a fake
 //! OpenCode and a mock LLM. The tests themselves live in `tests/tests/`.
+//!
+//! - [`bins`]: where the real binaries are.
+
+pub mod bins;
