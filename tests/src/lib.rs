@@ -2,5 +2,7 @@
 //! OpenCode and a mock LLM. The tests themselves live in `tests/tests/`.
 //!
 //! - [`bins`]: where the real binaries are.
+//! - [`simdaemon`]: a simulated daemon (real handshake, in-memory file tree, fault injection).
 
 pub mod bins;
+pub mod simdaemon;
