@@ -10,16 +10,31 @@
 //! log = "info"                           # tracing filter, e.g. "info,codemantle_control_plane=debug"
 //! public_metrics = false                 # serve /metrics without a token
 //! max_body_bytes = 1048576
+//!
+//! [tunnel]                               # daemon connections; every key optional
+//! heartbeat_secs = 25                    # `hb` sent in h2 and ping interval, 5..=120
+//! handshake_timeout_secs = 10
+//! max_pending_handshakes = 1024          # unauthenticated sockets; more are closed (1013)
+//! legacy_tokens = false                  # accept 0.1.x shared tokens (`legacy-token add`)
+//! protocol_floor = 1
+//! request_timeout_secs = 15
+//! git_timeout_secs = 180
+//! proxy_timeout_secs = 20
+//! max_pending_per_device = 256           # requests in flight; more get 429 device_busy
 //! ```
 //!
 //! Env: `CODEMANTLE_CONFIG`, `CODEMANTLE_LISTEN`, `CODEMANTLE_DATA_DIR`, `CODEMANTLE_TLS_CERT`,
 //! `CODEMANTLE_TLS_KEY`, `CODEMANTLE_LOG_FORMAT`, `CODEMANTLE_LOG`, `CODEMANTLE_PUBLIC_METRICS`,
-//! `CODEMANTLE_MAX_BODY_BYTES`.
+//! `CODEMANTLE_MAX_BODY_BYTES`, `CODEMANTLE_HEARTBEAT_SECS`, `CODEMANTLE_LEGACY_TOKENS`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use std::time::Duration;
+
 use serde::Deserialize;
+
+use crate::tunnel::TunnelConfig;
 
 /// Default listener (same port as 0.1.x's daemon endpoint).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8787";
@@ -47,6 +62,22 @@ pub struct FileConfig {
     pub log: Option<String>,
     pub public_metrics: Option<bool>,
     pub max_body_bytes: Option<usize>,
+    pub tunnel: Option<TunnelFileConfig>,
+}
+
+/// The `[tunnel]` table.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelFileConfig {
+    pub heartbeat_secs: Option<u32>,
+    pub handshake_timeout_secs: Option<u64>,
+    pub max_pending_handshakes: Option<usize>,
+    pub legacy_tokens: Option<bool>,
+    pub protocol_floor: Option<u64>,
+    pub request_timeout_secs: Option<u64>,
+    pub git_timeout_secs: Option<u64>,
+    pub proxy_timeout_secs: Option<u64>,
+    pub max_pending_per_device: Option<usize>,
 }
 
 /// Values given on the command line (highest precedence).
@@ -70,6 +101,7 @@ pub struct Config {
     pub log_filter: String,
     pub public_metrics: bool,
     pub max_body_bytes: usize,
+    pub tunnel: TunnelConfig,
 }
 
 /// A configuration problem, with the source that caused it.
@@ -163,6 +195,7 @@ impl Config {
                 .max_body_bytes
                 .unwrap_or(crate::api::http::MAX_BODY_BYTES),
         };
+        let tunnel = tunnel_config(file.tunnel.unwrap_or_default(), env)?;
         Ok(Config {
             listen,
             data_dir,
@@ -171,8 +204,77 @@ impl Config {
             log_filter,
             public_metrics,
             max_body_bytes,
+            tunnel,
         })
     }
+}
+
+fn tunnel_config(
+    file: TunnelFileConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<TunnelConfig, ConfigError> {
+    let hb = match env("CODEMANTLE_HEARTBEAT_SECS") {
+        Some(v) => v.trim().parse::<u32>().map_err(|_| {
+            ConfigError(format!(
+                "CODEMANTLE_HEARTBEAT_SECS={v:?} is not a whole number of seconds"
+            ))
+        })?,
+        None => file.heartbeat_secs.unwrap_or(25),
+    };
+    // 0.1.x daemons silently ignore an h2 whose hb is outside 5..=120 and never finish the
+    // handshake, so refuse to start rather than strand the fleet.
+    if !(5..=120).contains(&hb) {
+        return Err(ConfigError(format!(
+            "tunnel heartbeat_secs = {hb}: must be 5..=120 (daemons reject any other value)"
+        )));
+    }
+    let mut t = TunnelConfig::with_heartbeat(hb);
+    let secs = |name: &str, v: Option<u64>, default: Duration| match v {
+        Some(0) => Err(ConfigError(format!(
+            "tunnel {name} must be at least 1 second"
+        ))),
+        Some(s) => Ok(Duration::from_secs(s)),
+        None => Ok(default),
+    };
+    t.handshake_timeout = secs(
+        "handshake_timeout_secs",
+        file.handshake_timeout_secs,
+        t.handshake_timeout,
+    )?;
+    t.dispatch.request_timeout = secs(
+        "request_timeout_secs",
+        file.request_timeout_secs,
+        t.dispatch.request_timeout,
+    )?;
+    t.dispatch.git_timeout = secs(
+        "git_timeout_secs",
+        file.git_timeout_secs,
+        t.dispatch.git_timeout,
+    )?;
+    t.dispatch.proxy_timeout = secs(
+        "proxy_timeout_secs",
+        file.proxy_timeout_secs,
+        t.dispatch.proxy_timeout,
+    )?;
+    if let Some(n) = file.max_pending_handshakes {
+        t.max_unauthenticated = n;
+    }
+    if let Some(n) = file.max_pending_per_device {
+        if n == 0 {
+            return Err(ConfigError(
+                "tunnel max_pending_per_device must be at least 1".into(),
+            ));
+        }
+        t.dispatch.max_pending_per_device = n;
+    }
+    if let Some(floor) = file.protocol_floor {
+        t.protocol_floor = floor;
+    }
+    t.allow_legacy_tokens = match env("CODEMANTLE_LEGACY_TOKENS") {
+        Some(v) => parse_bool("CODEMANTLE_LEGACY_TOKENS", &v)?,
+        None => file.legacy_tokens.unwrap_or(false),
+    };
+    Ok(t)
 }
 
 /// `text` or `json`.
@@ -282,5 +384,39 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn tunnel_settings_and_heartbeat_range() {
+        let c = Config::load(&Overrides::default(), &env_of(&[])).expect("load");
+        assert_eq!(c.tunnel.heartbeat_secs, 25);
+        assert_eq!(c.tunnel.dead_after, Duration::from_secs(50));
+        assert!(!c.tunnel.allow_legacy_tokens);
+        let env = env_of(&[
+            ("CODEMANTLE_HEARTBEAT_SECS", "10"),
+            ("CODEMANTLE_LEGACY_TOKENS", "yes"),
+        ]);
+        let c = Config::load(&Overrides::default(), &env).expect("load");
+        assert_eq!(c.tunnel.heartbeat_secs, 10);
+        assert!(c.tunnel.allow_legacy_tokens);
+        for bad in ["4", "121", "abc"] {
+            let pairs = [("CODEMANTLE_HEARTBEAT_SECS", bad)];
+            let env = env_of(&pairs);
+            assert!(Config::load(&Overrides::default(), &env).is_err(), "{bad}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("cp.toml");
+        std::fs::write(
+            &file,
+            "[tunnel]\ngit_timeout_secs = 600\nmax_pending_per_device = 8\n",
+        )
+        .expect("write");
+        let flags = Overrides {
+            config_file: Some(file),
+            ..Default::default()
+        };
+        let c = Config::load(&flags, &env_of(&[])).expect("load");
+        assert_eq!(c.tunnel.dispatch.git_timeout, Duration::from_secs(600));
+        assert_eq!(c.tunnel.dispatch.max_pending_per_device, 8);
     }
 }

@@ -36,6 +36,7 @@ pub mod kind {
     pub const SESSION_UPDATED: &str = "session.updated";
     pub const POLICY_UPDATED: &str = "policy.updated";
     pub const COMMAND: &str = "command";
+    pub const CONFIG_PUSH: &str = "config.push";
 }
 
 /// Actor of changes made by the control plane itself (tunnel, housekeeping).

@@ -12,6 +12,8 @@
 //! - [`events`]: the event log's types, the live [`events::EventBus`], command records.
 //! - [`auth`]: turning a request into a [`auth::Principal`] (tenant, role, actor); roles.
 //! - [`presence`]: which devices are connected right now (filled by the tunnel).
+//! - [`tunnel`]: the daemon side: `/ws` accept, handshake, liveness, and the [`tunnel::DeviceHub`]
+//!   that dispatches commands to devices and correlates their replies.
 //! - [`metrics`]: counters and histograms, rendered for Prometheus.
 //! - [`api`]: the HTTP server (hyper on smol), routes, errors, idempotency, SSE, OpenAPI, and the
 //!   `/ws` seam the tunnel plugs into.
@@ -42,3 +44,4 @@ pub mod secrets;
 pub mod semver;
 pub mod store;
 pub mod time;
+pub mod tunnel;

@@ -13,6 +13,7 @@ use codemantle_control_plane::api::{self, ApiOptions, App, Server};
 use codemantle_control_plane::config::{self, Config, LogFormat, Overrides};
 use codemantle_control_plane::store::sled::SledStore;
 use codemantle_control_plane::store::{Role, Store, TenantId};
+use codemantle_control_plane::tunnel::CloseCause;
 use codemantle_control_plane::{admin, sdnotify, time};
 
 #[derive(Parser)]
@@ -200,15 +201,14 @@ fn serve(config: &Config) -> anyhow::Result<()> {
         None => None,
     };
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir)?);
-    let mut app = App::new(store.clone());
-    // The daemon tunnel plugs in here: `app.tunnel = Arc::new(Tunnel::new(app.store.clone(),
-    // app.presence.clone(), app.metrics.clone()))`; until then `/ws` answers 501.
+    let mut app = App::new(store.clone()).with_tunnel(config.tunnel.clone());
     app.options = ApiOptions {
         max_body_bytes: config.max_body_bytes,
         public_metrics: config.public_metrics,
         ..ApiOptions::default()
     };
     let app = Arc::new(app);
+    let hub = app.hub.clone();
     smol::block_on(async {
         let server = Server::bind(config.listen, tls, app)
             .await
@@ -227,6 +227,9 @@ fn serve(config: &Config) -> anyhow::Result<()> {
         if let Some(sig) = outcome {
             tracing::info!(signal = sig, "shutting down");
         }
+        // Tell daemons we are going (1001) so they reconnect to the next instance promptly.
+        hub.close_all(CloseCause::ShuttingDown);
+        smol::Timer::after(std::time::Duration::from_millis(200)).await;
         sdnotify::notify("STOPPING=1");
         anyhow::Ok(())
     })?;

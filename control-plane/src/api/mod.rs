@@ -11,14 +11,21 @@
 //! Every error is `{"error": CODE, "message": ...}` ([`error::ApiError`]); every response gets
 //! an `x-request-id`, no-sniff/no-store headers, a metrics count and one log line.
 
+pub mod commands;
+pub mod config_push;
 pub mod devices;
 pub mod error;
 pub mod events;
+pub mod files;
+pub mod git;
 pub mod http;
 pub mod idempotency;
 pub mod openapi;
 pub mod routes;
+pub mod sessions;
+pub mod setup;
 pub mod system;
+pub mod templates;
 pub mod tls;
 pub mod tokens;
 pub mod tunnel;
@@ -43,6 +50,7 @@ use crate::auth::{AuthChain, Principal};
 use crate::metrics::{Gauges, Metrics};
 use crate::presence::{MemoryPresence, Presence};
 use crate::store::Store;
+use crate::tunnel::{DeviceHub, DispatchConfig, Tunnel, TunnelConfig};
 pub use error::ApiError;
 pub use http::Body;
 use routes::Route;
@@ -79,20 +87,47 @@ pub struct App {
     pub presence: Arc<dyn Presence>,
     pub metrics: Arc<Metrics>,
     pub tunnel: Arc<dyn TunnelHook>,
+    /// Live device connections; device routes dispatch through it.
+    pub hub: Arc<DeviceHub>,
     pub options: ApiOptions,
 }
 
 impl App {
-    /// An app with token auth, in-memory presence, fresh metrics and no tunnel yet.
+    /// An app with token auth, in-memory presence, fresh metrics and no tunnel yet (`/ws`
+    /// answers 501 and every device is offline until [`App::with_tunnel`]).
     pub fn new(store: Arc<dyn Store>) -> App {
+        let metrics = Arc::new(Metrics::new());
         App {
             auth: AuthChain::standard(store.clone()),
+            hub: Arc::new(DeviceHub::new(
+                store.clone(),
+                metrics.clone(),
+                DispatchConfig::default(),
+            )),
             store,
             presence: Arc::new(MemoryPresence::new()),
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             tunnel: Arc::new(TunnelUnavailable),
             options: ApiOptions::default(),
         }
+    }
+
+    /// Plugs the daemon tunnel in: `/ws` accepts daemons, device routes reach them.
+    pub fn with_tunnel(mut self, config: TunnelConfig) -> App {
+        self.hub = Arc::new(DeviceHub::new(
+            self.store.clone(),
+            self.metrics.clone(),
+            config.dispatch.clone(),
+        ));
+        let tunnel = Tunnel::new(
+            self.store.clone(),
+            self.presence.clone(),
+            self.metrics.clone(),
+            self.hub.clone(),
+            config,
+        );
+        self.tunnel = Arc::new(tunnel);
+        self
     }
 
     /// Current gauges for `/metrics`.
@@ -181,6 +216,19 @@ impl App {
             Route::TokenRevoke(id) => tokens::revoke(&self, &principal, &parts, &id).await,
             Route::EventsList => events::list(&self, &principal, &parts).await,
             Route::EventsStream => events::stream(&self, &principal, &parts).await,
+            Route::DeviceCommand(id, op) => {
+                commands::handle(&self, &principal, &parts, body, &id, op).await
+            }
+            Route::ConfigStatus(id, rid) => {
+                config_push::status(&self, &principal, &parts, body, &id, &rid).await
+            }
+            Route::SessionSnapshot(sid) => {
+                sessions::snapshot(&self, &principal, &parts, body, &sid).await
+            }
+            Route::TemplatesList => templates::list(&self, &principal).await,
+            Route::TemplatesPublish => templates::publish(&self, &principal, &parts, body).await,
+            Route::McpList => templates::mcp_list(&self, &principal).await,
+            Route::McpSave => templates::mcp_save(&self, &principal, &parts, body).await,
             Route::Tunnel
             | Route::Health
             | Route::OpenApi

@@ -4,6 +4,8 @@
 
 use serde_json::{Value, json};
 
+use super::routes::{DeviceOp, GitOp};
+
 /// The document served at `GET /openapi.json`.
 pub fn document() -> Value {
     let err = |desc: &str| {
@@ -24,7 +26,7 @@ pub fn document() -> Value {
         responses["403"] = err("Role too low (`forbidden`)");
         responses
     };
-    json!({
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "CodeMantle control plane",
@@ -172,7 +174,214 @@ pub fn document() -> Value {
                     "`text/event-stream`: `id: <seq>`, `event: <kind>`, `data: <Event JSON>`",
                     "content": { "text/event-stream": { "schema": { "type": "string" } } } } })) } }
         }
-    })
+    });
+    device_routes(&mut doc);
+    doc
+}
+
+/// Request body fields of each device command (0.1.x panel names).
+fn device_op_body(op: DeviceOp) -> Value {
+    let s = |desc: &str| json!({ "type": "string", "description": desc });
+    let b = |desc: &str| json!({ "type": "boolean", "description": desc });
+    let i = |desc: &str, min: u64, max: u64| json!({ "type": "integer", "minimum": min, "maximum": max, "description": desc });
+    let root = s("root alias (default `cwd`, the only one 0.1.x daemons know)");
+    let path = s("path relative to the root, ≤ 512 characters (default `.`)");
+    let props = match op {
+        DeviceOp::Dir => json!({ "root": root, "path": path,
+            "cursor": s("paging cursor from a previous listing (≤ 128)"),
+            "limit": i("most entries (default 128)", 1, 256) }),
+        DeviceOp::Mkdir => json!({ "root": root, "path": path }),
+        DeviceOp::Rmdir => json!({ "root": root, "path": path,
+            "recursive": b("remove contents too (native daemons only)") }),
+        DeviceOp::Rename => {
+            json!({ "root": root, "source": s("source path"), "dest": s("destination path"),
+            "overwrite": b("replace an existing destination (default true, as 0.1.x; false needs a native daemon)") })
+        }
+        DeviceOp::SessionStart => json!({
+            "sessionId": s("^[A-Za-z0-9_-]{1,64}$; default ses_<random>"),
+            "path": s("folder (default `.`)"),
+            "jit": { "type": "object", "description": "optional JIT credential for the OpenCode process; the daemon ends the session when it expires",
+                "properties": { "ttlSec": i("lifetime (default 900)", 30, 3600), "scope": s("scope"),
+                    "env": s("env var receiving the token"), "ref": s("credential ref for the kill switch"),
+                    "token": s("use this token instead of minting one (16..2048)") } } }),
+        DeviceOp::SessionStatus => json!({ "path": s("folder (default `.`)") }),
+        DeviceOp::SessionTerminate => {
+            json!({ "sessionId": s("default: the device's latest running session") })
+        }
+        DeviceOp::Prompt => {
+            json!({ "sessionId": s("session id"), "prompt": s("1..8000 characters"),
+            "streamId": s("8..24 characters; default random") })
+        }
+        DeviceOp::JitKill => {
+            json!({ "sessionId": s("only this session"), "credentialRef": s("only this credential"),
+            "reason": s("≤ 128 (default abnormal_behavior)"), "closeTunnel": b("the daemon reconnects afterwards") })
+        }
+        DeviceOp::SetupStatus => json!({}),
+        DeviceOp::SetupSave => json!({
+            "controlPlaneUrl": s("ws:// or wss://; default: keep the daemon's current one"),
+            "opencodeCommand": s("≤ 256"), "opencodeHost": s("≤ 128"),
+            "opencodeStartPort": i("first OpenCode port", 1, 65535),
+            "opencodeProviderId": s("≤ 128"), "opencodeModelId": s("≤ 128"),
+            "requestTimeoutMs": i("daemon request timeout", 1000, 120000),
+            "agentAuthToken": s("must be absent or empty: keys are installed on the host") }),
+        DeviceOp::ConfigPush => json!({
+            "templateId": s("^[a-z0-9][a-z0-9_-]{2,63}$ (required)"),
+            "templateVersion": s("default: the latest published version"),
+            "config": { "type": "object", "description": "the compiled OpenCode config (until the template compiler lands)" },
+            "applyPath": s("default .opencode/opencode.json"),
+            "signatureAlgorithm": s("opaque, ≤ 64"), "signature": s("opaque, ≤ 512"),
+            "policyMode": { "type": "string", "enum": ["off", "read-only", "restricted"] } }),
+        DeviceOp::Git(g) => {
+            let mut p = json!({ "root": root, "path": path });
+            let extra = match g {
+                GitOp::Clone => {
+                    json!({ "url": s("repository URL, ≤ 2048 (required)"), "branch": s("≤ 256") })
+                }
+                GitOp::Add => json!({ "files": s("pathspec, ≤ 512"), "all": b("add -A") }),
+                GitOp::Commit => json!({ "message": s("≤ 1024 (required)"), "amend": b("amend") }),
+                GitOp::Push | GitOp::Pull => {
+                    json!({ "remote": s("default origin, ≤ 64"), "branch": s("≤ 256") })
+                }
+                GitOp::Branch => {
+                    json!({ "action": { "type": "string", "enum": ["list", "create", "delete"] },
+                    "branch": s("≤ 256; required for create/delete") })
+                }
+                GitOp::Checkout => {
+                    json!({ "branch": s("≤ 256 (required)"), "create": b("checkout -b") })
+                }
+                GitOp::Config => json!({ "action": { "type": "string", "enum": ["get", "set"] },
+                    "name": s("user.name"), "email": s("user.email"), "global": b("global scope"),
+                    "credentialManager": b("enable the credential manager") }),
+                GitOp::Status | GitOp::Init => json!({}),
+            };
+            if let (Value::Object(p), Value::Object(e)) = (&mut p, extra) {
+                p.extend(e);
+            }
+            p
+        }
+    };
+    json!({ "type": "object", "properties": props })
+}
+
+/// Adds the device command routes and the config registry.
+fn device_routes(doc: &mut Value) {
+    let err = |desc: &str| {
+        json!({ "description": desc, "content": { "application/json": {
+            "schema": { "$ref": "#/components/schemas/Error" } } } })
+    };
+    let reply = |desc: &str| {
+        json!({ "description": desc, "content": { "application/json": {
+            "schema": { "type": "object", "description": "the daemon's reply as 0.1.x JSON: {v, t, i, ...}" } } } })
+    };
+    let id_param = json!({ "name": "id", "in": "path", "required": true,
+        "description": "device id", "schema": { "type": "string" } });
+    let idem = json!({ "$ref": "#/components/parameters/IdempotencyKey" });
+    let Some(paths) = doc["paths"].as_object_mut() else {
+        return;
+    };
+    for op in DeviceOp::ALL {
+        let always_200 = matches!(
+            op,
+            DeviceOp::Dir
+                | DeviceOp::SessionStart
+                | DeviceOp::SessionStatus
+                | DeviceOp::SessionTerminate
+                | DeviceOp::SetupStatus
+                | DeviceOp::Git(GitOp::Status | GitOp::Branch)
+        );
+        let mut responses = json!({
+            "200": reply(if always_200 { "The daemon's reply" } else { "The daemon's reply with o:1" }),
+            "400": err(if always_200 {
+                "A body field the daemon would refuse (`invalid_request`, naming the field), `path_invalid`, `root_unknown`, `limit_exceeded`, `unsupported_by_device`"
+            } else {
+                "The daemon's reply with o:0 (its JSON), or a refused body field (`invalid_request`, naming it), `path_invalid`, `root_unknown`, `limit_exceeded`, `unsupported_by_device`"
+            }),
+            "401": err("No or bad token"),
+            "403": err(&format!("Role below {} (`forbidden`); the daemon refused (`device_refused`)", op.role())),
+            "404": err("`device_not_found` (also for another tenant's device)"),
+            "409": err("`device_not_connected` (retry when the device is online), `idempotency_key_in_progress`"),
+            "429": err("`device_busy`"),
+            "502": err("`device_disconnected`, `device_replaced`, `device_protocol_error`, `device_error`"),
+            "504": err("`request_timeout`")
+        });
+        if op == DeviceOp::Prompt {
+            responses["202"] = json!({ "description": "Sent (fire-and-forget): {o:1, x: stream id, i: request id}",
+                "content": { "application/json": { "schema": { "type": "object" } } } });
+        }
+        if op.is_mutating() {
+            responses["422"] = err("`idempotency_key_reused`");
+        }
+        let mut parameters = vec![id_param.clone()];
+        if op.is_mutating() {
+            parameters.push(idem.clone());
+        }
+        paths.insert(
+            format!("/devices/{{id}}/{}", op.path()),
+            json!({ "post": {
+                "summary": format!("{} (→ daemon; {}; role {})", op.path(), if op.is_mutating() { "idempotent" } else { "read-only" }, op.role()),
+                "parameters": parameters,
+                "requestBody": { "required": false, "content": { "application/json": { "schema": device_op_body(op) } } },
+                "responses": responses } }),
+        );
+    }
+    paths.insert(
+        "/devices/{id}/config/status/{requestId}".into(),
+        json!({ "get": {
+            "summary": "Status of a config push (operator): pending, applied, rejected or failed",
+            "parameters": [ id_param, { "name": "requestId", "in": "path", "required": true,
+                "description": "the `i` of the push reply", "schema": { "type": "integer", "minimum": 1 } } ],
+            "responses": {
+                "200": { "description": "{deviceId, requestId, templateId, templateVersion, status, digest, phase?, scope?, policyMode?, appliedPath?, violations?, message?, respondedAt}",
+                    "content": { "application/json": { "schema": { "type": "object" } } } },
+                "400": err("`invalid_request_id`"),
+                "404": err("`device_not_found`, `config_status_not_found`") } } }),
+    );
+    paths.insert(
+        "/session/{sessionId}/snapshot".into(),
+        json!({ "get": {
+            "summary": "The device's session log, last `tail` lines, normalised (operator)",
+            "parameters": [
+                { "name": "sessionId", "in": "path", "required": true, "schema": { "type": "string" } },
+                { "name": "tail", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 200, "default": 100 } } ],
+            "responses": {
+                "200": { "description": "{o:1, s, d, e:[{ts, k, src, m?, sid?, fp?, md?}]}",
+                    "content": { "application/json": { "schema": { "type": "object" } } } },
+                "404": err("`snapshot_not_found` (unknown session, or another tenant's)"),
+                "409": err("`device_not_connected`"),
+                "504": err("`snapshot_timeout`") } } }),
+    );
+    paths.insert(
+        "/config/templates".into(),
+        json!({
+            "get": { "summary": "Published templates (viewer): {templates:[template]}",
+                "responses": { "200": { "description": "by id, then semver",
+                    "content": { "application/json": { "schema": { "type": "object" } } } } } },
+            "post": { "summary": "Publish a template version (admin); versions are immutable",
+                "parameters": [idem],
+                "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                    "type": "object", "required": ["template"], "properties": { "template": {
+                        "type": "object", "required": ["templateId", "templateVersion"] } } } } } },
+                "responses": {
+                    "200": { "description": "{o:1, key, digest, unchanged?}",
+                        "content": { "application/json": { "schema": { "type": "object" } } } },
+                    "400": err("`invalid_template`, `invalid_template_id`, `invalid_template_version`"),
+                    "409": err("`template_version_exists` (same version, different content)") } } }),
+    );
+    paths.insert(
+        "/config/mcp".into(),
+        json!({
+            "get": { "summary": "MCP registry entries (viewer; `headers` shown to admins only): {entries:[entry]}",
+                "responses": { "200": { "description": "by serverId@version",
+                    "content": { "application/json": { "schema": { "type": "object" } } } } } },
+            "post": { "summary": "Create or replace an MCP entry (admin)", "parameters": [idem],
+                "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                    "type": "object", "required": ["entry"], "properties": { "entry": {
+                        "type": "object", "required": ["serverId", "version"] } } } } } },
+                "responses": {
+                    "200": { "description": "{o:1, key}",
+                        "content": { "application/json": { "schema": { "type": "object" } } } },
+                    "400": err("`invalid_mcp_entry`, `invalid_mcp_server_id`, `invalid_mcp_version`") } } }),
+    );
 }
 
 #[cfg(test)]
@@ -190,11 +399,19 @@ mod tests {
             "/tokens/{id}/revoke",
             "/events",
             "/events/stream",
+            "/devices/{id}/config/status/{requestId}",
+            "/session/{sessionId}/snapshot",
+            "/config/templates",
+            "/config/mcp",
         ] {
             assert!(
                 doc["paths"][path].is_object(),
                 "{path} missing from OpenAPI"
             );
+        }
+        for op in super::DeviceOp::ALL {
+            let path = format!("/devices/{{id}}/{}", op.path());
+            assert!(doc["paths"][&path]["post"].is_object(), "{path} missing");
         }
     }
 }

@@ -21,8 +21,116 @@ pub enum Route {
     TokenRevoke(String),
     EventsList,
     EventsStream,
-    MethodNotAllowed { allow: &'static str },
+    /// `POST /devices/:id/<op>`: a command dispatched to the device.
+    DeviceCommand(String, DeviceOp),
+    /// `GET /devices/:id/config/status/:requestId`.
+    ConfigStatus(String, String),
+    /// `GET /session/:sessionId/snapshot`.
+    SessionSnapshot(String),
+    TemplatesList,
+    TemplatesPublish,
+    McpList,
+    McpSave,
+    MethodNotAllowed {
+        allow: &'static str,
+    },
     NotFound,
+}
+
+/// Git commands (`POST /devices/:id/git/<op>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GitOp {
+    Status,
+    Init,
+    Clone,
+    Add,
+    Commit,
+    Push,
+    Pull,
+    Branch,
+    Checkout,
+    Config,
+}
+
+/// Device commands: the 0.1.x panel's paths under `/devices/:id/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceOp {
+    Dir,
+    Mkdir,
+    Rmdir,
+    Rename,
+    SessionStart,
+    SessionStatus,
+    SessionTerminate,
+    Prompt,
+    JitKill,
+    SetupStatus,
+    SetupSave,
+    ConfigPush,
+    Git(GitOp),
+}
+
+impl DeviceOp {
+    /// Every device command, for the OpenAPI document and tests.
+    pub const ALL: [DeviceOp; 22] = [
+        DeviceOp::Dir,
+        DeviceOp::Mkdir,
+        DeviceOp::Rmdir,
+        DeviceOp::Rename,
+        DeviceOp::SessionStart,
+        DeviceOp::SessionStatus,
+        DeviceOp::SessionTerminate,
+        DeviceOp::Prompt,
+        DeviceOp::JitKill,
+        DeviceOp::SetupStatus,
+        DeviceOp::SetupSave,
+        DeviceOp::ConfigPush,
+        DeviceOp::Git(GitOp::Status),
+        DeviceOp::Git(GitOp::Init),
+        DeviceOp::Git(GitOp::Clone),
+        DeviceOp::Git(GitOp::Add),
+        DeviceOp::Git(GitOp::Commit),
+        DeviceOp::Git(GitOp::Push),
+        DeviceOp::Git(GitOp::Pull),
+        DeviceOp::Git(GitOp::Branch),
+        DeviceOp::Git(GitOp::Checkout),
+        DeviceOp::Git(GitOp::Config),
+    ];
+
+    /// The path after `/devices/:id/`.
+    pub fn path(self) -> &'static str {
+        match self {
+            DeviceOp::Dir => "dir",
+            DeviceOp::Mkdir => "mkdir",
+            DeviceOp::Rmdir => "rmdir",
+            DeviceOp::Rename => "rename",
+            DeviceOp::SessionStart => "session/start",
+            DeviceOp::SessionStatus => "session/status",
+            DeviceOp::SessionTerminate => "session/terminate",
+            DeviceOp::Prompt => "prompt",
+            DeviceOp::JitKill => "jit/kill",
+            DeviceOp::SetupStatus => "setup/status",
+            DeviceOp::SetupSave => "setup/save",
+            DeviceOp::ConfigPush => "config/push",
+            DeviceOp::Git(GitOp::Status) => "git/status",
+            DeviceOp::Git(GitOp::Init) => "git/init",
+            DeviceOp::Git(GitOp::Clone) => "git/clone",
+            DeviceOp::Git(GitOp::Add) => "git/add",
+            DeviceOp::Git(GitOp::Commit) => "git/commit",
+            DeviceOp::Git(GitOp::Push) => "git/push",
+            DeviceOp::Git(GitOp::Pull) => "git/pull",
+            DeviceOp::Git(GitOp::Branch) => "git/branch",
+            DeviceOp::Git(GitOp::Checkout) => "git/checkout",
+            DeviceOp::Git(GitOp::Config) => "git/config",
+        }
+    }
+
+    fn parse(rest: &[&str]) -> Option<DeviceOp> {
+        DeviceOp::ALL.into_iter().find(|op| {
+            let mut parts = op.path().split('/');
+            rest.iter().all(|r| parts.next() == Some(r)) && parts.next().is_none()
+        })
+    }
 }
 
 /// Matches a request. `segments` are the percent-decoded path segments.
@@ -59,6 +167,37 @@ pub fn route(method: &Method, segments: &[String]) -> Route {
         ),
         ["events"] => only(m, &Method::GET, Route::EventsList, "GET"),
         ["events", "stream"] => only(m, &Method::GET, Route::EventsStream, "GET"),
+        ["devices", id, "config", "status", rid] => only(
+            m,
+            &Method::GET,
+            Route::ConfigStatus((*id).to_owned(), (*rid).to_owned()),
+            "GET",
+        ),
+        ["devices", id, rest @ ..] => match DeviceOp::parse(rest) {
+            Some(op) => only(
+                m,
+                &Method::POST,
+                Route::DeviceCommand((*id).to_owned(), op),
+                "POST",
+            ),
+            None => Route::NotFound,
+        },
+        ["session", sid, "snapshot"] => only(
+            m,
+            &Method::GET,
+            Route::SessionSnapshot((*sid).to_owned()),
+            "GET",
+        ),
+        ["config", "templates"] => match *m {
+            Method::GET => Route::TemplatesList,
+            Method::POST => Route::TemplatesPublish,
+            _ => Route::MethodNotAllowed { allow: "GET, POST" },
+        },
+        ["config", "mcp"] => match *m {
+            Method::GET => Route::McpList,
+            Method::POST => Route::McpSave,
+            _ => Route::MethodNotAllowed { allow: "GET, POST" },
+        },
         _ => Route::NotFound,
     }
 }
@@ -118,5 +257,29 @@ mod tests {
         );
         assert_eq!(r(Method::GET, "/nope"), Route::NotFound);
         assert_eq!(r(Method::GET, "/events/stream"), Route::EventsStream);
+        assert_eq!(
+            r(Method::POST, "/devices/dev_x/git/commit"),
+            Route::DeviceCommand("dev_x".into(), DeviceOp::Git(GitOp::Commit))
+        );
+        assert_eq!(
+            r(Method::GET, "/devices/dev_x/dir"),
+            Route::MethodNotAllowed { allow: "POST" }
+        );
+        assert_eq!(r(Method::POST, "/devices/dev_x/git"), Route::NotFound);
+        assert_eq!(
+            r(Method::GET, "/devices/dev_x/config/status/42"),
+            Route::ConfigStatus("dev_x".into(), "42".into())
+        );
+        assert_eq!(
+            r(Method::GET, "/session/ses_1/snapshot"),
+            Route::SessionSnapshot("ses_1".into())
+        );
+        for op in DeviceOp::ALL {
+            let path = format!("/devices/dev_x/{}", op.path());
+            assert_eq!(
+                r(Method::POST, &path),
+                Route::DeviceCommand("dev_x".into(), op)
+            );
+        }
     }
 }

@@ -164,6 +164,20 @@ pub trait Store: Send + Sync + 'static {
         device_id: Option<&str>,
     ) -> StoreResult<Vec<SessionRecord>>;
 
+    // ---- config pushes ------------------------------------------------------------------
+
+    /// Records the status of a config push. A `pending` record never replaces a finished one
+    /// (the answer may be recorded first), in which case nothing is written and `Ok(None)` is
+    /// returned. Event: `config.push` with the status in its detail.
+    fn put_config_push(&self, record: &ConfigPushRecord, actor: &str)
+    -> StoreResult<Option<Event>>;
+    fn config_push(
+        &self,
+        tenant: &TenantId,
+        device_id: &str,
+        request_id: u32,
+    ) -> StoreResult<Option<ConfigPushRecord>>;
+
     // ---- policy -------------------------------------------------------------------------
 
     /// Replaces the tenant's policy snapshot. Event: `policy.updated`.

@@ -271,6 +271,44 @@ pub struct SessionRecord {
     pub updated_ms: u64,
 }
 
+/// What became of one config push (`cc`) to a device; the handle is the request id the
+/// push was sent with. `status` is `pending` (sent, no answer yet), `applied`, `rejected`
+/// (the daemon refused it) or `failed` (no usable answer: timeout, disconnect, error frame).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigPushRecord {
+    pub tenant: TenantId,
+    pub device_id: String,
+    pub request_id: u32,
+    pub template_id: String,
+    pub template_version: String,
+    pub status: String,
+    /// Digest of the pushed payload (ours for `pending`/`failed`, the daemon's otherwise).
+    pub digest: String,
+    #[serde(default)]
+    pub phase: Option<String>,
+    #[serde(default)]
+    pub scope: Option<String>,
+    #[serde(default)]
+    pub policy_mode: Option<String>,
+    #[serde(default)]
+    pub applied_path: Option<String>,
+    #[serde(default)]
+    pub violations: Vec<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+    /// The daemon's `at` for answered pushes, our clock otherwise.
+    pub responded_ms: u64,
+}
+
+impl ConfigPushRecord {
+    pub const PENDING: &'static str = "pending";
+
+    /// A finished push (anything but `pending`).
+    pub fn is_final(&self) -> bool {
+        self.status != Self::PENDING
+    }
+}
+
 /// The current policy of a tenant, opaque to the store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicySnapshot {

@@ -14,6 +14,7 @@
 //! | `templates` | tenant NUL template id NUL version | [`TemplateVersion`] |
 //! | `mcp` | tenant NUL server id NUL version | [`McpEntry`] |
 //! | `sessions` | tenant NUL session id | [`SessionRecord`] |
+//! | `config_pushes` | tenant NUL device id NUL request id (decimal) | [`ConfigPushRecord`] |
 //! | `policies` | tenant | [`PolicySnapshot`] |
 //! | `idempotency` | tenant NUL key | [`IdempotencyRecord`] |
 //! | `events` | tenant NUL seq (u64 BE) | [`Event`] |
@@ -59,6 +60,7 @@ pub struct SledStore {
     templates: Tree,
     mcp: Tree,
     sessions: Tree,
+    config_pushes: Tree,
     policies: Tree,
     idempotency: Tree,
     events: Tree,
@@ -91,6 +93,7 @@ impl SledStore {
             templates: tree("templates")?,
             mcp: tree("mcp")?,
             sessions: tree("sessions")?,
+            config_pushes: tree("config_pushes")?,
             policies: tree("policies")?,
             idempotency: tree("idempotency")?,
             events: tree("events")?,
@@ -213,7 +216,9 @@ impl SledStore {
         at_ms: u64,
         detail: impl Fn(&Device) -> Value,
     ) -> StoreResult<Event> {
-        let (_, event) = self.write_one(&[&self.devices], |v| {
+        // Not durable: a reconnect storm of thousands of devices must not fsync per device;
+        // losing the last 500 ms of last-seen stamps to a crash is harmless.
+        let (_, mut events) = self.write(&[&self.devices], false, |v| {
             let devices = &v[0];
             let Some(raw) = devices.get(device_id.as_bytes())? else {
                 return abort(StoreError::NotFound { what: "device" });
@@ -228,9 +233,11 @@ impl SledStore {
                 kind_,
                 detail(&device),
             );
-            Ok(((), draft))
+            Ok(((), vec![draft]))
         })?;
-        Ok(event)
+        events
+            .pop()
+            .ok_or_else(|| StoreError::Backend("event missing after commit".into()))
     }
 }
 
@@ -674,6 +681,51 @@ impl Store for SledStore {
             .into_iter()
             .filter(|s| device_id.is_none_or(|d| s.device_id == d))
             .collect())
+    }
+
+    fn put_config_push(&self, r: &ConfigPushRecord, actor: &str) -> StoreResult<Option<Event>> {
+        let key = triple_key(r.tenant.as_str(), &r.device_id, &r.request_id.to_string());
+        let (_, mut events) = self.write(&[&self.config_pushes], false, |v| {
+            if !r.is_final() {
+                if let Some(raw) = v[0].get(&key)? {
+                    let existing: ConfigPushRecord = decode_tx(&raw)?;
+                    if existing.is_final() {
+                        return Ok(((), Vec::new()));
+                    }
+                }
+            }
+            v[0].insert(key.as_slice(), encode_tx(r)?)?;
+            let detail = json!({
+                "device": r.device_id,
+                "request_id": r.request_id,
+                "template": r.template_id,
+                "version": r.template_version,
+                "status": r.status,
+                "digest": r.digest,
+                "message": r.message,
+            });
+            let draft = EventDraft::new(
+                &r.tenant,
+                crate::time::now_ms(),
+                actor,
+                kind::CONFIG_PUSH,
+                detail,
+            );
+            Ok(((), vec![draft]))
+        })?;
+        Ok(events.pop())
+    }
+
+    fn config_push(
+        &self,
+        tenant: &TenantId,
+        device_id: &str,
+        request_id: u32,
+    ) -> StoreResult<Option<ConfigPushRecord>> {
+        self.get_json(
+            &self.config_pushes,
+            &triple_key(tenant.as_str(), device_id, &request_id.to_string()),
+        )
     }
 
     fn put_policy(

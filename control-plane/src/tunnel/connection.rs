@@ -1,0 +1,464 @@
+//! One task per connection: handshake, registration, then a loop that multiplexes the socket,
+//! the connection's outbox and its heartbeat timer.
+//!
+//! The loop waits on three things at once — an outgoing frame (or a close order) from the
+//! [`Conn`], the ping timer, an incoming frame — and handles whichever is ready, outbox first
+//! (it is bounded, so it cannot starve reading). Every write has a deadline: a peer that stops
+//! reading is declared stalled instead of blocking its task forever.
+//!
+//! What arrives from the device:
+//! - replies settle their pending request; `e` with an id fails it; `sc` chunks feed the
+//!   snapshot waiting for their stream and are acknowledged with `sa` (as 0.1.50 does);
+//! - `p` / `pl` update telemetry; any frame (including pongs) counts as a sign of life;
+//! - an unknown `t` is answered `e PROTO` and the connection stays (0.1.50 §2.1); a frame that
+//!   is well-formed but breaks a message rule likewise;
+//! - bytes that are not JSON/CBOR at all get `e PROTO` and close 1002 (0.1.50 closes on
+//!   invalid JSON); a frame above the size limit gets `e LIMIT` and close 1009.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use async_tungstenite::WebSocketStream;
+use async_tungstenite::tungstenite::protocol::Role;
+use async_tungstenite::tungstenite::{Bytes, Error as WsError, Message as WsMessage};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use codemantle_protocol::codec::Codec;
+use codemantle_protocol::error::{DecodeError, ErrorCode};
+use codemantle_protocol::message::{HelloAck, Message, StreamAck};
+use futures_lite::{AsyncRead, AsyncWrite, StreamExt as _};
+
+use super::handshake::{
+    self, CLOSE_PROTOCOL_ERROR, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN_LATER, close_now, linger,
+    with_timeout,
+};
+use super::hub::{CloseCause, Conn, DispatchError, Outgoing, encode_frame};
+use super::{
+    MAX_CHUNK_BYTES, TunnelShared, UnauthenticatedSlot, handshake_ws_config, session_ws_config,
+};
+use crate::store::{ConnectInfo, HostFacts, StoreError};
+
+/// Serves one upgraded socket from handshake to close. Never panics on wire data.
+pub async fn serve<S>(
+    shared: Arc<TunnelShared>,
+    io: S,
+    remote: SocketAddr,
+    slot: Option<UnauthenticatedSlot>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut ws =
+        WebSocketStream::from_raw_socket(io, Role::Server, Some(handshake_ws_config())).await;
+    let Some(slot) = slot else {
+        close_now(
+            &mut ws,
+            CLOSE_TRY_AGAIN_LATER,
+            "too many pending handshakes",
+        )
+        .await;
+        return;
+    };
+    // Boxed: the handshake's state is large and short-lived; the task keeps only a pointer.
+    let accepted = Box::pin(handshake::run(&shared, &mut ws, remote)).await;
+    drop(slot);
+    let Some(accepted) = accepted else {
+        return;
+    };
+    // Same socket, session limits (see the module docs of `tunnel`).
+    let io = ws.into_inner();
+    let ws =
+        WebSocketStream::from_raw_socket(io, Role::Server, Some(session_ws_config(accepted.codec)))
+            .await;
+    session(shared, ws, accepted, remote).await;
+}
+
+/// How a session ended.
+#[derive(Debug)]
+enum End {
+    /// The peer closed (close frame or EOF).
+    PeerClosed,
+    /// The socket failed.
+    Broken(String),
+    /// No sign of life for `dead_after`.
+    Dead,
+    /// A write did not finish within `write_timeout`.
+    Stalled,
+    /// The hub ordered the close (replaced, removed, shutdown).
+    Ordered(CloseCause),
+    /// We refused a frame with an `e` and close with this code.
+    Violation { code: u16, reason: &'static str },
+}
+
+impl End {
+    fn reason(&self) -> String {
+        match self {
+            End::PeerClosed => "closed_by_device".into(),
+            End::Broken(_) => "connection_lost".into(),
+            End::Dead => "heartbeat_timeout".into(),
+            End::Stalled => "write_stalled".into(),
+            End::Ordered(cause) => cause.as_str().into(),
+            End::Violation { reason, .. } => format!("protocol_violation: {reason}"),
+        }
+    }
+}
+
+async fn session<S>(
+    shared: Arc<TunnelShared>,
+    mut ws: WebSocketStream<S>,
+    accepted: super::handshake::Accepted,
+    remote: SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let device_id = accepted.device_id.clone();
+    let codec = accepted.codec;
+    let now = crate::time::now_ms();
+    let presence_id = shared.presence.set_online(&device_id, now);
+    let conn = Arc::new(Conn::new(
+        &device_id,
+        accepted.tenant.clone(),
+        codec,
+        presence_id,
+    ));
+    // Registered before h2 goes out, as 0.1.50 does; a previous connection of this device is
+    // closed with 1012 and its pending requests fail now.
+    shared.hub.register(conn.clone());
+
+    let hb = shared.config.heartbeat_secs;
+    let (sid, server_nonce) = (random_id(), random_id());
+    let h2 = match accepted.peer.sign_h2(
+        &sid,
+        &server_nonce,
+        u64::from(hb),
+        u64::from(MAX_CHUNK_BYTES),
+    ) {
+        Ok(mac) => Message::HelloAck(HelloAck {
+            connection_id: sid,
+            nonce: server_nonce,
+            heartbeat_secs: hb,
+            max_chunk: MAX_CHUNK_BYTES,
+            mac,
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot sign h2 (heartbeat config out of range?)");
+            finish(&shared, &mut ws, &conn, End::Broken(e.to_string())).await;
+            return;
+        }
+    };
+    let write_timeout = shared.config.write_timeout;
+    if !send_message(&mut ws, &h2, codec, write_timeout).await {
+        finish(&shared, &mut ws, &conn, End::Stalled).await;
+        return;
+    }
+
+    let hello = &accepted.hello;
+    let info = ConnectInfo {
+        at_ms: now,
+        agent_version: hello.agent_version.clone(),
+        host: HostFacts {
+            hostname: hello.hostname.clone(),
+            os: hello.os.clone(),
+            arch: None,
+        },
+        peer: Some(remote.to_string()),
+        mode: Some(if codec.is_native() { "native" } else { "json" }.to_owned()),
+    };
+    let store = shared.store.clone();
+    let id = device_id.clone();
+    match smol::unblock(move || store.device_connected(&id, &info)).await {
+        Ok(_) => {}
+        Err(StoreError::NotFound { .. }) => {
+            // Removed between the credential lookup and now.
+            finish(&shared, &mut ws, &conn, End::Ordered(CloseCause::Removed)).await;
+            return;
+        }
+        Err(e) => tracing::warn!(device = %device_id, error = %e, "could not record the connect"),
+    }
+    tracing::info!(
+        device = %device_id, tenant = %accepted.tenant, %remote,
+        mode = if codec.is_native() { "native" } else { "json" },
+        agent_version = hello.agent_version.as_deref().unwrap_or("-"),
+        "device connected"
+    );
+    drop(accepted);
+
+    let end = run(&shared, &mut ws, &conn).await;
+    finish(&shared, &mut ws, &conn, end).await;
+}
+
+/// What woke the loop.
+enum Wake {
+    Out(Outgoing),
+    Tick,
+    Frame(Option<Result<WsMessage, WsError>>),
+}
+
+/// What to do after an incoming frame.
+enum Action {
+    Nothing,
+    Reply(Message),
+    Refuse {
+        reply: Message,
+        code: u16,
+        reason: &'static str,
+    },
+}
+
+async fn run<S>(shared: &TunnelShared, ws: &mut WebSocketStream<S>, conn: &Conn) -> End
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = &shared.config;
+    let mut ticker = smol::Timer::interval(config.ping_interval);
+    let mut last_heard = Instant::now();
+    loop {
+        let wake = std::future::poll_fn(|cx| {
+            if let Poll::Ready(out) = conn.poll_outgoing(cx) {
+                return Poll::Ready(Wake::Out(out));
+            }
+            if ticker.poll_next(cx).is_ready() {
+                return Poll::Ready(Wake::Tick);
+            }
+            ws.poll_next(cx).map(Wake::Frame)
+        })
+        .await;
+        match wake {
+            Wake::Out(Outgoing::Close(cause)) => return End::Ordered(cause),
+            Wake::Out(Outgoing::Frame(frame)) => {
+                if !send_frame(ws, frame, config.write_timeout).await {
+                    return End::Stalled;
+                }
+            }
+            Wake::Tick => {
+                if last_heard.elapsed() >= config.dead_after {
+                    return End::Dead;
+                }
+                let ping = WsMessage::Ping(Bytes::new());
+                if !send_frame(ws, ping, config.write_timeout).await {
+                    return End::Stalled;
+                }
+            }
+            Wake::Frame(None) => return End::PeerClosed,
+            Wake::Frame(Some(Err(WsError::Capacity(e)))) => {
+                tracing::info!(device = %conn.device_id(), error = %e, "oversize frame");
+                let reply = Message::error(ErrorCode::Limit, None, Some("frame_too_large"));
+                send_message(ws, &reply, conn.codec(), config.write_timeout).await;
+                return End::Violation {
+                    code: CLOSE_TOO_BIG,
+                    reason: "frame too large",
+                };
+            }
+            Wake::Frame(Some(Err(e))) => return End::Broken(e.to_string()),
+            Wake::Frame(Some(Ok(frame))) => {
+                last_heard = Instant::now();
+                shared
+                    .presence
+                    .touch(conn.device_id(), conn.presence_id(), crate::time::now_ms());
+                let action = match frame {
+                    WsMessage::Text(text) => on_data(conn, text.as_bytes(), Codec::Json),
+                    WsMessage::Binary(bytes) => {
+                        // A 0.1.x peer's binary frames are JSON too (0.1.50 decodes them so).
+                        let codec = if conn.codec().is_native() {
+                            Codec::Cbor
+                        } else {
+                            Codec::Json
+                        };
+                        on_data(conn, &bytes, codec)
+                    }
+                    WsMessage::Close(_) => return End::PeerClosed,
+                    WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {
+                        Action::Nothing
+                    }
+                };
+                match action {
+                    Action::Nothing => {}
+                    Action::Reply(reply) => {
+                        if !send_message(ws, &reply, conn.codec(), config.write_timeout).await {
+                            return End::Stalled;
+                        }
+                    }
+                    Action::Refuse {
+                        reply,
+                        code,
+                        reason,
+                    } => {
+                        send_message(ws, &reply, conn.codec(), config.write_timeout).await;
+                        return End::Violation { code, reason };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Handles one data frame.
+fn on_data(conn: &Conn, bytes: &[u8], codec: Codec) -> Action {
+    let msg = match Message::decode(bytes, codec) {
+        Ok(msg) => msg,
+        Err(DecodeError::FrameTooLarge { .. }) => {
+            return Action::Refuse {
+                reply: Message::error(ErrorCode::Limit, None, Some("frame_too_large")),
+                code: CLOSE_TOO_BIG,
+                reason: "frame too large",
+            };
+        }
+        Err(e) if handshake::is_garbage(&e) => {
+            tracing::info!(device = %conn.device_id(), error = %e, "undecodable frame; closing");
+            return Action::Refuse {
+                reply: Message::error(ErrorCode::Proto, None, None),
+                code: CLOSE_PROTOCOL_ERROR,
+                reason: if codec == Codec::Json {
+                    "invalid json"
+                } else {
+                    "invalid frame"
+                },
+            };
+        }
+        Err(e) => {
+            tracing::debug!(device = %conn.device_id(), error = %e, "invalid message");
+            let mut text = e.to_string();
+            truncate(&mut text, 200);
+            return Action::Reply(Message::error(ErrorCode::Proto, None, Some(&text)));
+        }
+    };
+    match msg {
+        Message::Telemetry(t) => conn.set_usage(t.uptime_secs, t.rss_bytes),
+        Message::PortList(p) => conn.set_ports(p.ports),
+        Message::Error(e) => match e.request_id {
+            Some(id) => {
+                if !conn.fail(id, e.code.clone(), e.message.clone()) {
+                    tracing::debug!(device = %conn.device_id(), id, code = %e.code, "error for no pending request");
+                }
+            }
+            None => tracing::warn!(
+                device = %conn.device_id(), code = %e.code,
+                message = e.message.as_deref().unwrap_or(""),
+                "device reported an error"
+            ),
+        },
+        Message::StreamChunk(chunk) => {
+            let ack = Message::StreamAck(StreamAck {
+                stream_id: chunk.stream_id.clone(),
+                seq: chunk.seq,
+            });
+            if !conn.stream_chunk(chunk) {
+                tracing::debug!(device = %conn.device_id(), "chunk of a stream nobody waits for");
+            }
+            return Action::Reply(ack);
+        }
+        Message::GitLog(line) => {
+            tracing::debug!(device = %conn.device_id(), id = line.request_id, stream = %line.stream, "git: {}", line.line);
+        }
+        Message::Unknown { t, request_id } => {
+            tracing::debug!(device = %conn.device_id(), t = %t, "unknown message type");
+            let text = format!("unknown_type:{t}");
+            return Action::Reply(Message::error(ErrorCode::Proto, request_id, Some(&text)));
+        }
+        Message::Hello(_) | Message::HelloUnsupported(_) => {
+            return Action::Reply(Message::error(
+                ErrorCode::Proto,
+                None,
+                Some("already_authenticated"),
+            ));
+        }
+        other => {
+            let t = other.type_tag().to_owned();
+            if !conn.settle(other) {
+                tracing::debug!(device = %conn.device_id(), t = %t, "reply nobody waits for (late, or wrong kind)");
+            }
+        }
+    }
+    Action::Nothing
+}
+
+/// Tears a session down: closes the socket (best effort), fails what is pending, marks the
+/// device offline and records the disconnect — the last two only if this connection was still
+/// the device's current one (a replaced connection leaves its successor alone).
+async fn finish<S>(shared: &TunnelShared, ws: &mut WebSocketStream<S>, conn: &Arc<Conn>, end: End)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let was_current = shared.hub.unregister(conn);
+    let pending_error = match &end {
+        End::Ordered(cause) => cause.dispatch_error(),
+        _ => DispatchError::Disconnected,
+    };
+    conn.fail_pending(&pending_error);
+    let now = crate::time::now_ms();
+    let went_offline = shared
+        .presence
+        .set_offline(conn.device_id(), conn.presence_id(), now);
+    let reason = end.reason();
+    match &end {
+        End::Broken(e) => {
+            tracing::info!(device = %conn.device_id(), error = %e, "device connection lost")
+        }
+        _ => tracing::info!(device = %conn.device_id(), reason = %reason, "device disconnected"),
+    }
+    if was_current || went_offline {
+        let store = shared.store.clone();
+        let (id, why) = (conn.device_id().to_owned(), reason.clone());
+        let recorded = smol::unblock(move || store.device_disconnected(&id, now, &why)).await;
+        match recorded {
+            Ok(_) | Err(StoreError::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(device = %conn.device_id(), error = %e, "could not record the disconnect")
+            }
+        }
+    }
+    match end {
+        End::Ordered(cause) => {
+            let (code, text) = cause.close_frame();
+            close_now(ws, code, text).await;
+        }
+        End::Violation { code, reason } => close_now(ws, code, reason).await,
+        End::Dead => close_now(ws, 1001, "heartbeat timeout").await,
+        // The peer's close was answered by tungstenite; reading flushes that answer.
+        End::PeerClosed => linger(ws).await,
+        End::Broken(_) | End::Stalled => {}
+    }
+}
+
+async fn send_message<S>(
+    ws: &mut WebSocketStream<S>,
+    msg: &Message,
+    codec: Codec,
+    limit: Duration,
+) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match encode_frame(msg, codec) {
+        Ok(frame) => send_frame(ws, frame, limit).await,
+        Err(e) => {
+            tracing::error!(error = %e, t = msg.type_tag(), "cannot encode a frame for a device");
+            true
+        }
+    }
+}
+
+async fn send_frame<S>(ws: &mut WebSocketStream<S>, frame: WsMessage, limit: Duration) -> bool
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    matches!(with_timeout(limit, ws.send(frame)).await, Some(Ok(())))
+}
+
+/// 18 random base64url characters (`h2` `s` and `n`, as 0.1.50's `randomToken(18)`).
+fn random_id() -> String {
+    let mut id = URL_SAFE_NO_PAD.encode(crate::secrets::random_bytes::<14>());
+    id.truncate(18);
+    id
+}
+
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+}
