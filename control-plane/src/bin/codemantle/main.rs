@@ -12,6 +12,7 @@ mod events;
 mod output;
 mod settings;
 mod tokens;
+mod up;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,10 +53,18 @@ enum Command {
     Tokens(tokens::TokensCommand),
     /// The event log: recent events, a page after a seq, or follow live.
     Events(events::EventsArgs),
+    /// Quick start: a control plane and a daemon on this host, connected, with a fresh owner
+    /// token and device.
+    Up(up::UpArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `up` makes its own server and token; it needs no settings.
+    let command = match cli.command {
+        Command::Up(args) => return up::run(args),
+        other => other,
+    };
     let settings = match settings::Settings::resolve(
         cli.server.as_deref(),
         cli.token.as_deref(),
@@ -76,10 +85,11 @@ fn main() -> ExitCode {
     };
     let out = output::Output { json: cli.json };
     let result = smol::block_on(async {
-        match cli.command {
+        match command {
             Command::Devices(c) => devices::run(&api, &out, c).await,
             Command::Tokens(c) => tokens::run(&api, &out, c).await,
             Command::Events(a) => events::run(&api, &out, a).await,
+            Command::Up(_) => unreachable!("`up` returned above"),
         }
     });
     match result {
