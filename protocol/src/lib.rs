@@ -14,10 +14,12 @@
 //! - [`error`]: wire error codes (`e` frames) and decode errors.
 //! - [`handshake`]: key id, h1/h2 MACs, skew window, nonce replay cache, protocol floor.
 //! - [`canonical`]: canonical JSON and the SHA-256/base64url digest of config payloads.
+//! - [`config_signature`]: the device-key signature (`alg`/`sg`) of a config push.
 //! - [`jit`]: the JIT credential token format.
 
 pub mod canonical;
 pub mod codec;
+pub mod config_signature;
 pub mod error;
 pub mod handshake;
 pub mod jit;
