@@ -969,3 +969,172 @@ fn openapi_describes_every_device_route() {
         assert!(doc["paths"][path].is_object(), "{path} missing");
     }
 }
+
+#[test]
+fn telemetry_and_ports_show_on_the_device() {
+    let h = Harness::start(test_config());
+    let owner = h.client(&h.owner);
+    let (id, key) = h.device("default", "dev_telemetry00001");
+    let sim = h.connect(h.sim(&id, &key));
+    sim.send(&Message::PortList(codemantle_protocol::message::PortList {
+        ports: vec![3000, 5173],
+    }));
+    let start = Instant::now();
+    loop {
+        let d = get(&owner, &format!("/devices/{id}")).json()["device"].clone();
+        if d["telemetry"]["ports"] == json!([3000, 5173]) {
+            assert_eq!(d["telemetry"]["rss_bytes"], 8 * 1024 * 1024);
+            assert_eq!(d["telemetry"]["protocol"], "native");
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "{d}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sim.close(1000);
+    let d = wait_status(&owner, &id, "offline");
+    assert_eq!(d["telemetry"], Value::Null);
+}
+
+#[test]
+fn legacy_shared_tokens_work_only_when_enabled_and_only_for_their_devices() {
+    let mut config = test_config();
+    config.allow_legacy_tokens = true;
+    let h = Harness::start(config);
+    let (id, _) = h.device("default", "dev_legacy00000001");
+    let (other, _) = h.device("default", "dev_legacy00000002");
+    let (foreign, _) = h.device("other", "dev_legacyforeign1");
+    let add = |token: &str, devices: Option<Vec<String>>| {
+        let t = codemantle_control_plane::store::LegacyToken {
+            key_id: codemantle_control_plane::secrets::key_id(token),
+            tenant: TenantId::default_tenant(),
+            token: token.to_owned(),
+            devices,
+            created_ms: 1,
+            revoked: false,
+        };
+        h.store.add_legacy_token(&t, "test").expect("legacy token");
+    };
+    add("shared-token-unbound-0001", None);
+    add("shared-token-bound-000002", Some(vec![id.clone()]));
+    // Unbound: any registered device of its tenant, as 0.1.x (but not another tenant's).
+    let sim = h.connect(h.sim(&other, "shared-token-unbound-0001").json());
+    assert_status(
+        &post(
+            &h.client(&h.owner),
+            &format!("/devices/{other}/dir"),
+            json!({}),
+        ),
+        200,
+        None,
+    );
+    drop(sim);
+    let r = refusal(h.sim(&foreign, "shared-token-unbound-0001"));
+    assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::Auth));
+    let r = refusal(h.sim("dev_legacynotthere1", "shared-token-unbound-0001"));
+    assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::Auth));
+    // Bound: only the listed ids.
+    let _ok = h.connect(h.sim(&id, "shared-token-bound-000002"));
+    let r = refusal(h.sim(&other, "shared-token-bound-000002"));
+    assert_eq!(r.error.map(|e| e.code), Some(ErrorCode::Auth));
+    assert_eq!(r.close.map(|c| c.0), Some(1008));
+
+    // Disabled: the same token is unknown.
+    let h2 = Harness::start(test_config());
+    let (id2, _) = h2.device("default", "dev_legacy00000003");
+    let t = codemantle_control_plane::store::LegacyToken {
+        key_id: codemantle_control_plane::secrets::key_id("shared-token-unbound-0003"),
+        tenant: TenantId::default_tenant(),
+        token: "shared-token-unbound-0003".into(),
+        devices: None,
+        created_ms: 1,
+        revoked: false,
+    };
+    h2.store.add_legacy_token(&t, "test").expect("legacy token");
+    let r = refusal(h2.sim(&id2, "shared-token-unbound-0003"));
+    assert_eq!(
+        r.close.map(|c| (c.0, c.1)),
+        Some((1008, "invalid token".to_owned()))
+    );
+}
+
+#[test]
+fn a_retry_after_a_timeout_carries_the_same_idempotency_key_to_the_daemon() {
+    let mut config = test_config();
+    config.dispatch.request_timeout = Duration::from_millis(500);
+    let h = Harness::start(config);
+    let owner = h.client(&h.owner);
+    let (id, key) = h.device("default", "dev_ikretry0000001");
+    let sim = h.connect(h.sim(&id, &key).recording());
+    let mkdir = || {
+        send(
+            &owner,
+            Request::new("POST", &format!("/devices/{id}/mkdir"))
+                .header("idempotency-key", "retry-me")
+                .json(&json!({"path": "out"})),
+        )
+    };
+    sim.hold(false);
+    assert_status(&mkdir(), 504, Some("request_timeout"));
+    sim.hold(true);
+    assert_status(&mkdir(), 200, None);
+    let iks: Vec<String> = sim
+        .frames()
+        .iter()
+        .filter_map(|f| match Message::decode(f, Codec::Cbor) {
+            Ok(Message::MakeDir(m)) => m.idempotency_key,
+            _ => None,
+        })
+        .collect();
+    let expected = codemantle_control_plane::tunnel::hub::idempotency_token(
+        &TenantId::default_tenant(),
+        Some("retry-me"),
+    );
+    assert_eq!(iks, [expected.clone(), expected]);
+    // Without a key, each request gets its own.
+    post(
+        &owner,
+        &format!("/devices/{id}/mkdir"),
+        json!({"path": "a"}),
+    );
+    post(
+        &owner,
+        &format!("/devices/{id}/mkdir"),
+        json!({"path": "a"}),
+    );
+    let all: Vec<String> = sim
+        .frames()
+        .iter()
+        .filter_map(|f| match Message::decode(f, Codec::Cbor) {
+            Ok(Message::MakeDir(m)) => m.idempotency_key,
+            _ => None,
+        })
+        .collect();
+    assert_eq!(all.len(), 4);
+    assert_ne!(all[2], all[3]);
+    let events = get(&owner, "/events?limit=100").json();
+    let outcomes: Vec<&Value> = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["kind"] == "command")
+        .map(|e| &e["detail"]["outcome"])
+        .collect();
+    assert_eq!(outcomes[0], "timeout");
+}
+
+#[test]
+fn an_oversize_frame_after_the_handshake_gets_limit_and_1009() {
+    let h = Harness::start(test_config());
+    let owner = h.client(&h.owner);
+    let (id, key) = h.device("default", "dev_oversize000001");
+    let sim = h.connect(h.sim(&id, &key));
+    let huge = vec![0u8; codemantle_protocol::limits::MAX_CBOR_FRAME_BYTES + 1];
+    sim.send_raw(async_tungstenite::tungstenite::Message::Binary(huge.into()));
+    assert!(smol::block_on(sim.closed_within(Duration::from_secs(10))));
+    assert_eq!(sim.close_frame().map(|c| c.0), Some(1009));
+    assert_eq!(
+        sim.errors().first().map(|e| e.code.clone()),
+        Some(ErrorCode::Limit)
+    );
+    wait_status(&owner, &id, "offline");
+}

@@ -56,6 +56,22 @@ pub fn view(device: &Device, presence: Option<PresenceState>) -> Value {
     })
 }
 
+/// Adds what the device's daemon last reported over its tunnel (`p`: uptime and RSS, `pl`:
+/// ports it exposes for preview, the protocol it speaks), or `null` while it is not connected.
+pub fn with_telemetry(mut view: Value, app: &App, device_id: &str) -> Value {
+    let live = app.hub.get(device_id).map(|conn| {
+        let t = conn.telemetry();
+        json!({
+            "uptime_secs": t.uptime_secs,
+            "rss_bytes": t.rss_bytes,
+            "ports": t.ports,
+            "protocol": if conn.codec().is_native() { "native" } else { "json-0.1" },
+        })
+    });
+    view["telemetry"] = live.unwrap_or(Value::Null);
+    view
+}
+
 /// `GET /devices` (viewer).
 pub async fn list(app: &Arc<App>, principal: &Principal) -> Result<Response<Body>, ApiError> {
     principal.require(Role::Viewer)?;
@@ -63,7 +79,7 @@ pub async fn list(app: &Arc<App>, principal: &Principal) -> Result<Response<Body
     let devices = smol::unblock(move || store.devices(&tenant)).await?;
     let views: Vec<Value> = devices
         .iter()
-        .map(|d| view(d, app.presence.get(&d.id)))
+        .map(|d| with_telemetry(view(d, app.presence.get(&d.id)), app, &d.id))
         .collect();
     Ok(json_response(StatusCode::OK, &json!({ "devices": views })))
 }
@@ -79,7 +95,8 @@ pub async fn get(
         .store
         .device(&principal.tenant, id)?
         .ok_or_else(|| ApiError::not_found("device", id))?;
-    let body = json!({ "device": view(&device, app.presence.get(&device.id)) });
+    let live = view(&device, app.presence.get(&device.id));
+    let body = json!({ "device": with_telemetry(live, app, &device.id) });
     Ok(json_response(StatusCode::OK, &body))
 }
 

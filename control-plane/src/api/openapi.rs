@@ -65,6 +65,11 @@ pub fn document() -> Value {
                     "agent_version": { "type": "string", "nullable": true },
                     "host": r("HostFacts"),
                     "key_id": { "type": "string", "description": "handshake key id (`ak`)" },
+                    "telemetry": { "type": "object", "nullable": true,
+                        "description": "last report over the open tunnel; null when not connected",
+                        "properties": { "uptime_secs": { "type": "integer" }, "rss_bytes": { "type": "integer" },
+                            "ports": { "type": "array", "items": { "type": "integer" } },
+                            "protocol": { "type": "string", "enum": ["native", "json-0.1"] } } },
                     "created_ms": { "type": "integer" } } },
                 "NewDevice": { "type": "object", "required": ["name"], "additionalProperties": false, "properties": {
                     "name": { "type": "string", "minLength": 1, "maxLength": 120 },
