@@ -2,7 +2,9 @@
 //! OpenCode and a mock LLM. The tests themselves live in `tests/tests/`.
 //!
 //! - [`bins`]: where the real binaries are.
+//! - [`harness`]: the real control plane and daemon binaries as processes on loopback.
 //! - [`simdaemon`]: a simulated daemon (real handshake, in-memory file tree, fault injection).
 
 pub mod bins;
+pub mod harness;
 pub mod simdaemon;
