@@ -10,7 +10,9 @@ use std::process::Command;
 use codemantle_tests::bins::bin_path;
 
 fn verify(unit: &str) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd").join(unit);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../systemd")
+        .join(unit);
     let text = std::fs::read_to_string(&src).expect("unit file");
     let mut rewritten = text.clone();
     for bin in ["codemantle-daemon", "codemantle-control-plane"] {
@@ -19,7 +21,10 @@ fn verify(unit: &str) {
             &format!("{} ", bin_path(bin).display()),
         );
     }
-    assert_ne!(rewritten, text, "{unit}: ExecStart should name a CodeMantle binary");
+    assert_ne!(
+        rewritten, text,
+        "{unit}: ExecStart should name a CodeMantle binary"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join(unit);
     std::fs::write(&path, rewritten).expect("write unit");
@@ -51,9 +56,14 @@ fn control_plane_unit_verifies() {
 
 #[test]
 fn units_are_type_notify_with_a_watchdog_and_no_capabilities() {
-    for unit in ["codemantle-daemon.service", "codemantle-control-plane.service"] {
+    for unit in [
+        "codemantle-daemon.service",
+        "codemantle-control-plane.service",
+    ] {
         let text = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd").join(unit),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../systemd")
+                .join(unit),
         )
         .expect("unit file");
         for line in [
@@ -64,7 +74,10 @@ fn units_are_type_notify_with_a_watchdog_and_no_capabilities() {
         ] {
             assert!(text.contains(line), "{unit} lacks {line:?}");
         }
-        assert!(text.lines().any(|l| l.starts_with("WatchdogSec=")), "{unit} lacks WatchdogSec");
+        assert!(
+            text.lines().any(|l| l.starts_with("WatchdogSec=")),
+            "{unit} lacks WatchdogSec"
+        );
     }
     let daemon = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/codemantle-daemon.service"),
