@@ -103,6 +103,31 @@ impl Api {
         }
     }
 
+    /// Sends a device command (with an `Idempotency-Key`, retried with the same key if the
+    /// connection fails) and returns the daemon's reply, also when it said `o:0` (HTTP 400
+    /// with the reply as body), so the caller can show what the daemon refused.
+    pub async fn device_reply(
+        &self,
+        path: &str,
+        body: &Value,
+        key: &str,
+    ) -> Result<(u16, Value), CliError> {
+        let req = Request::new("POST", path)
+            .json(body)
+            .header("idempotency-key", key);
+        let mut attempt = 0;
+        loop {
+            match self.client.send(req.clone()).await {
+                Ok(resp) => return reply_or_error(resp.status, resp.json(), &resp.text()),
+                Err(ClientError::Io { .. } | ClientError::Timeout { .. }) if attempt < 2 => {
+                    attempt += 1;
+                    smol::Timer::after(std::time::Duration::from_millis(500 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     async fn call(&self, req: Request) -> Result<Value, CliError> {
         let resp = self.client.send(req).await?;
         let body = resp.json();
@@ -134,6 +159,14 @@ impl Api {
             ));
         }
         Ok(stream)
+    }
+}
+
+fn reply_or_error(status: u16, body: Value, raw: &str) -> Result<(u16, Value), CliError> {
+    if (200..300).contains(&status) || (status == 400 && body["t"].is_string()) {
+        Ok((status, body))
+    } else {
+        Err(api_error(status, &body, raw))
     }
 }
 

@@ -3,13 +3,14 @@
 //! Server and token come from `--server/--token`, else `CODEMANTLE_SERVER`/`CODEMANTLE_TOKEN`,
 //! else `~/.config/codemantle/cli.toml` (see [`settings`]). Output is an aligned table for
 //! people, or the server's JSON with `--json` for scripts. Each resource has its own module
-//! (`devices`, `tokens`, `events`); session and file-system commands slot in the same way once
-//! the device routes exist.
+//! (`devices`, `tokens`, `events`, `sessions`, `fs`).
 
 mod api;
 mod devices;
 mod events;
+mod fs;
 mod output;
+mod sessions;
 mod settings;
 mod tokens;
 mod up;
@@ -53,6 +54,12 @@ enum Command {
     Tokens(tokens::TokensCommand),
     /// The event log: recent events, a page after a seq, or follow live.
     Events(events::EventsArgs),
+    /// OpenCode sessions on a device: start, stop, status, prompt, logs.
+    #[command(subcommand)]
+    Sessions(sessions::SessionsCommand),
+    /// Files on a device: ls, mkdir, mv, rmdir.
+    #[command(subcommand)]
+    Fs(fs::FsCommand),
     /// Quick start: a control plane and a daemon on this host, connected, with a fresh owner
     /// token and device.
     Up(up::UpArgs),
@@ -89,6 +96,8 @@ fn main() -> ExitCode {
             Command::Devices(c) => devices::run(&api, &out, c).await,
             Command::Tokens(c) => tokens::run(&api, &out, c).await,
             Command::Events(a) => events::run(&api, &out, a).await,
+            Command::Sessions(c) => sessions::run(&api, &out, c).await,
+            Command::Fs(c) => fs::run(&api, &out, c).await,
             Command::Up(_) => unreachable!("`up` returned above"),
         }
     });
