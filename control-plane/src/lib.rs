@@ -9,6 +9,8 @@
 //! Map:
 //! - [`store`]: the [`store::Store`] trait (all persistence; no storage types leak out) and the
 //!   embedded sled backend. Every change and its event commit together.
+//! - [`templates`]: agent template schema and validation, the compiler (runtime and session-init
+//!   configs, bit-exact digests), signed config pushes, label selectors for fleet pushes.
 //! - [`events`]: the event log's types, the live [`events::EventBus`], command records.
 //! - [`auth`]: turning a request into a [`auth::Principal`] (tenant, role, actor); roles.
 //! - [`presence`]: which devices are connected right now (filled by the tunnel).
@@ -43,5 +45,6 @@ pub mod sdnotify;
 pub mod secrets;
 pub mod semver;
 pub mod store;
+pub mod templates;
 pub mod time;
 pub mod tunnel;
