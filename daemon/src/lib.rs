@@ -11,6 +11,8 @@
 //! Map:
 //! - [`config`]: `DaemonConfig` from TOML, `CODEMANTLE_*` env and flags; permission checks.
 //! - [`guard::path`]: roots as open directory fds; every path resolved beneath them by the kernel.
+//! - [`config_apply`]: config pushes (`cc`): digest, device-key signature, policy modes, apply
+//!   path allowlist, atomic write with `.prev` rollback; session-init payloads kept per folder.
 //! - [`fs`]: list (sorted, paged), mkdir, rmdir (recursive by fd), rename (no-overwrite default).
 //! - [`journal`]: sled-backed offline state; idempotency outcomes that survive restarts.
 //! - [`backoff`]: sans-io reconnect delays with full jitter and an auth-rejected mode.
@@ -18,6 +20,7 @@
 
 pub mod backoff;
 pub mod config;
+pub mod config_apply;
 pub mod fs;
 pub mod guard;
 pub mod journal;
