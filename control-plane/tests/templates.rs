@@ -332,6 +332,42 @@ fn restricted_policy_allowlists_must_fit_the_template() {
     );
 }
 
+#[test]
+fn read_only_templates_must_switch_write_tools_off() {
+    let mut t = build_box();
+    t["policy"] = json!({ "mode": "read-only" });
+    let err = Template::parse(&t).expect_err("bash is on, permission ask");
+    let got = codes(&err);
+    assert!(
+        got.contains(&("tools.enabled.bash", "policy_tool_not_disabled")),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&("tools.permissions.bash", "policy_permission_not_deny")),
+        "{got:?}"
+    );
+    // edit/write/patch/multiedit are off through `edit: deny`.
+    assert_eq!(got.len(), 2, "{got:?}");
+
+    t["tools"] = json!({
+        "enabled": { "bash": false, "read": true },
+        "permissions": { "bash": "deny", "edit": "deny" }
+    });
+    let parsed = template(&t);
+    assert!(parsed.tools.disables("write"));
+
+    // A local MCP server cannot be part of a read-only config.
+    t["mcpRefs"] =
+        json!([{ "serverId": "fsx", "version": "1", "alias": "fsx", "status": "allow" }]);
+    let reg = registry(&[
+        json!({ "serverId": "fsx", "version": "1", "type": "local", "command": ["fsx"] }),
+    ]);
+    let err =
+        compile_runtime(&template(&t), &reg, &CompileOptions::default()).expect_err("local server");
+    assert_eq!(err.api_code(), "local_mcp_not_allowed:fsx");
+    assert!(compile_session_init(&template(&t), &reg, &CompileOptions::default()).is_err());
+}
+
 // ---- MCP entries ---------------------------------------------------------------------------
 
 #[test]

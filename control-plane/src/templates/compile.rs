@@ -136,6 +136,16 @@ pub enum CompileError {
         refs.join(",")
     )]
     MissingMcpRefs { refs: Vec<String> },
+    /// The template's policy mode (`read-only` or `restricted`) forbids local MCP servers
+    /// (programs on the host), and these references resolve to local ones.
+    #[error(
+        "local_mcp_not_allowed:{} — policy mode {mode} does not let OpenCode start programs on the host; use remote MCP servers or another mode",
+        aliases.join(",")
+    )]
+    LocalMcpNotAllowed {
+        mode: PolicyMode,
+        aliases: Vec<String>,
+    },
     /// The canonical payload is larger than a daemon accepts.
     #[error(
         "the compiled config is {bytes} bytes; daemons accept at most {MAX_CONFIG_BYTES} — shorten the template's rules or drop MCP references"
@@ -153,6 +163,9 @@ impl CompileError {
     pub fn api_code(&self) -> String {
         match self {
             CompileError::MissingMcpRefs { refs } => format!("missing_mcp_refs:{}", refs.join(",")),
+            CompileError::LocalMcpNotAllowed { aliases, .. } => {
+                format!("local_mcp_not_allowed:{}", aliases.join(","))
+            }
             CompileError::TooLarge { .. } => "config_payload_too_large".to_owned(),
             CompileError::NonInteropKey(_) => "config_key_not_portable".to_owned(),
         }
@@ -183,6 +196,28 @@ fn resolve_refs<'a>(
         Ok(found)
     } else {
         Err(CompileError::MissingMcpRefs { refs: missing })
+    }
+}
+
+/// A daemon refuses local MCP servers under `read-only` and `restricted`; say so now.
+fn check_local_servers(template: &Template, entries: &[&McpServer]) -> Result<(), CompileError> {
+    if template.policy.mode == PolicyMode::Off {
+        return Ok(());
+    }
+    let aliases: Vec<String> = template
+        .mcp_refs
+        .iter()
+        .zip(entries)
+        .filter(|(_, e)| matches!(e.endpoint, McpEndpoint::Local { .. }))
+        .map(|(r, _)| r.alias.clone())
+        .collect();
+    if aliases.is_empty() {
+        Ok(())
+    } else {
+        Err(CompileError::LocalMcpNotAllowed {
+            mode: template.policy.mode,
+            aliases,
+        })
     }
 }
 
@@ -253,6 +288,7 @@ pub fn compile_runtime(
     opts: &CompileOptions,
 ) -> Result<Compiled, CompileError> {
     let entries = resolve_refs(template, registry, |e| runtime_url(e, opts).map(|_| ()))?;
+    check_local_servers(template, &entries)?;
     let chain = &template.routing.chain;
 
     let mut config = Map::new();
@@ -362,6 +398,7 @@ pub fn compile_session_init(
     opts: &CompileOptions,
 ) -> Result<Compiled, CompileError> {
     let entries = resolve_refs(template, registry, |_| Ok(()))?;
+    check_local_servers(template, &entries)?;
     let routing = &template.routing;
 
     let mut providers = BTreeSet::new();

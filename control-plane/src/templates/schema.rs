@@ -427,6 +427,26 @@ pub struct Tools {
 }
 
 impl Tools {
+    /// Whether `tool` is explicitly off, the way a daemon judges it: `enabled.<tool> = false`
+    /// (or `enabled["*"] = false` without `enabled.<tool> = true`), or its permission is `deny`
+    /// (`write`, `patch` and `multiedit` fall under the `edit` permission).
+    pub fn disables(&self, tool: &str) -> bool {
+        match self.enabled.get(tool) {
+            Some(false) => return true,
+            Some(true) => {}
+            None => {
+                if self.enabled.get("*") == Some(&false) {
+                    return true;
+                }
+            }
+        }
+        let permission_key = match tool {
+            "write" | "patch" | "multiedit" => "edit",
+            t => t,
+        };
+        self.permissions.get(permission_key) == Some(&Permission::Deny)
+    }
+
     pub fn enabled_value(&self) -> Value {
         Value::Object(
             self.enabled
@@ -508,6 +528,10 @@ const PROFILE_KEYS: &[&str] = &["id", "match", "priorityChain", "rules"];
 const POLICY_KEYS: &[&str] = &["mode", "allowedKeys", "allowedTools"];
 const TOOLS_KEYS: &[&str] = &["enabled", "permissions"];
 const MCP_REF_KEYS: &[&str] = &["serverId", "version", "alias", "status"];
+
+/// Tools that write files or execute programs; `read-only` templates must switch them off.
+/// Kept in step with the daemon's `config_apply::WRITE_EXEC_TOOLS`, which enforces the same.
+pub const WRITE_EXEC_TOOLS: &[&str] = &["bash", "edit", "write", "patch", "multiedit"];
 
 /// Top-level keys every compiled runtime config carries besides `$schema` and `codemantle`.
 pub const COMPILED_CONFIG_KEYS: &[&str] = &["model", "permission", "tools"];
@@ -1145,6 +1169,46 @@ fn check_policy_against_tools(
                         "tool {name:?} is enabled but not in policy.allowedTools; add it there or \
                          disable it"
                     ),
+                );
+            }
+        }
+    }
+    // Write/exec tools a daemon requires to be explicitly off: all of them in read-only, the
+    // ones outside `allowedTools` in restricted (when the template lists its allowlist).
+    let must_be_off: Vec<&str> = match (policy.mode, &policy.allowed_tools) {
+        (PolicyMode::ReadOnly, _) => WRITE_EXEC_TOOLS.to_vec(),
+        (PolicyMode::Restricted, Some(allowed)) => WRITE_EXEC_TOOLS
+            .iter()
+            .copied()
+            .filter(|t| !allowed.iter().any(|a| a == t))
+            .collect(),
+        _ => Vec::new(),
+    };
+    for tool in must_be_off {
+        if !tools.disables(tool) {
+            errs.add(
+                format!("tools.enabled.{tool}"),
+                "policy_tool_not_disabled",
+                format!(
+                    "policy mode {} requires {tool:?} to be switched off explicitly \
+                     (tools.enabled.{tool} = false, or its permission \"deny\"); OpenCode \
+                     enables tools a config does not mention",
+                    policy.mode
+                ),
+            );
+        }
+    }
+    if policy.mode == PolicyMode::ReadOnly {
+        for key in ["bash", "edit"] {
+            if tools
+                .permissions
+                .get(key)
+                .is_some_and(|p| *p != Permission::Deny)
+            {
+                errs.add(
+                    format!("tools.permissions.{key}"),
+                    "policy_permission_not_deny",
+                    format!("policy mode read-only allows only \"deny\" for {key:?}"),
                 );
             }
         }
