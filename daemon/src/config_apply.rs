@@ -48,7 +48,9 @@
 //!    `codemantle` or `codenucleus` as the root key) and **not written anywhere**: they are kept
 //!    in a [`SessionInitStore`] for the session about to start in the folder the apply path
 //!    belongs to (see [`folder_key`]), because a `cc` carries no session id: the control plane
-//!    sends it right before the `si` for that folder. Entries expire after
+//!    sends it right before the `si` for that folder. The session start takes it with
+//!    [`SessionInitStore::take_for_session`] (its folder, else the nearest ancestor's, else
+//!    the root's: a 0.1.x control plane always uses the root's path). Entries expire after
 //!    [`SESSION_INIT_TTL_MS`]; the store can be backed by a journal tree to survive a restart.
 //!
 //! Every check runs and every violation is reported (`cv.vd`, at most 32 codes of at most 160
@@ -347,6 +349,19 @@ impl SessionInitStore {
         let entry = self.get(folder, now_ms)?;
         self.forget(folder);
         Some(entry)
+    }
+
+    /// What a session starting in `folder` (relative to the root) is initialised with: the
+    /// live entry of the folder itself or, failing that, of the nearest ancestor up to the
+    /// root, the way OpenCode looks for `.opencode/opencode.json` in parent directories. A
+    /// 0.1.x control plane always pushes session-init with the default apply path (the root's
+    /// folder key `.`), whatever folder the session then starts in; this lookup serves it.
+    /// The entry is removed: one push initialises one session.
+    pub fn take_for_session(&self, folder: &RelPath, now_ms: u64) -> Option<SessionInit> {
+        let comps: Vec<&str> = folder.components().collect();
+        (0..=comps.len())
+            .rev()
+            .find_map(|n| self.take(&join_key(&comps[..n]), now_ms))
     }
 
     /// Number of entries held (live or not yet noticed as expired).

@@ -700,6 +700,43 @@ fn session_init_is_remembered_not_written() {
 }
 
 #[test]
+fn a_session_takes_the_nearest_folders_session_init() {
+    let f = fixture();
+    let a = applier(
+        &f,
+        ApplySettings {
+            allowed_apply_paths: vec![
+                DEFAULT_APPLY_PATH.into(),
+                "app/.opencode/opencode.json".into(),
+            ],
+            ..ApplySettings::default()
+        },
+    );
+    let (cfg, _) = vector("session_init");
+    for path in [DEFAULT_APPLY_PATH, "app/.opencode/opencode.json"] {
+        let push = push_of(cfg.clone(), ConfigPhase::SessionInit, PolicyMode::Off, path);
+        assert_applied(&a.apply(&push, NOW));
+    }
+    let rel = |p: &str| RelPath::parse(p).expect("rel");
+    let store = a.session_inits();
+    assert_eq!(
+        store
+            .take_for_session(&rel("app/web"), NOW)
+            .map(|i| i.folder),
+        Some("app".to_owned()),
+        "nearest ancestor"
+    );
+    assert_eq!(
+        store
+            .take_for_session(&rel("app/web"), NOW)
+            .map(|i| i.folder),
+        Some(".".to_owned()),
+        "then the root's"
+    );
+    assert!(store.take_for_session(&rel("app/web"), NOW).is_none());
+}
+
+#[test]
 fn session_init_accepts_the_0_1_key_and_expires() {
     let f = fixture();
     let a = applier(&f, ApplySettings::default());
