@@ -38,6 +38,11 @@
 //! [idempotency]
 //! retention_s = 86400                   # how long request outcomes are remembered
 //!
+//! [process]                           # programs the daemon may start; see `config::process`
+//! run_as = "codemantle-agent"
+//! [process.allowlist]
+//! git = "/usr/bin/git"
+//!
 //! [log]
 //! format = "text"                       # or "json"
 //! level = "info"                        # tracing filter; RUST_LOG overrides
@@ -66,6 +71,10 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 
 use crate::redact::{Secret, redact_text};
+
+pub mod process;
+
+pub use process::ProcessConfig;
 
 /// Where the config file is read from unless `--config`/`CODEMANTLE_CONFIG` say otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/codemantle/daemon.toml";
@@ -241,6 +250,8 @@ pub struct DaemonConfig {
     pub handshake_timeout_s: u64,
     pub idempotency: IdempotencyConfig,
     pub log: LogConfig,
+    /// `[process]`: what the process guard may start, as whom, how confined ([`process`]).
+    pub process: ProcessConfig,
 }
 
 /// A loaded configuration and the non-fatal remarks about it.
@@ -307,6 +318,47 @@ const KEYS: &[KeyDef] = &[
     KeyDef {
         key: "log.level",
         env: "CODEMANTLE_LOG_LEVEL",
+    },
+    // `[process]` (see the `process` module; the allowlist is file-only).
+    KeyDef {
+        key: "process.run_as",
+        env: "CODEMANTLE_PROCESS_RUN_AS",
+    },
+    KeyDef {
+        key: "process.min_protection",
+        env: "CODEMANTLE_PROCESS_MIN_PROTECTION",
+    },
+    KeyDef {
+        key: "process.max_open_files",
+        env: "CODEMANTLE_PROCESS_MAX_OPEN_FILES",
+    },
+    KeyDef {
+        key: "process.max_processes",
+        env: "CODEMANTLE_PROCESS_MAX_PROCESSES",
+    },
+    KeyDef {
+        key: "process.max_address_space_mb",
+        env: "CODEMANTLE_PROCESS_MAX_ADDRESS_SPACE_MB",
+    },
+    KeyDef {
+        key: "process.max_cpu_seconds",
+        env: "CODEMANTLE_PROCESS_MAX_CPU_SECONDS",
+    },
+    KeyDef {
+        key: "process.env_pass",
+        env: "CODEMANTLE_PROCESS_ENV_PASS",
+    },
+    KeyDef {
+        key: "process.connect_ports",
+        env: "CODEMANTLE_PROCESS_CONNECT_PORTS",
+    },
+    KeyDef {
+        key: "process.system_paths",
+        env: "CODEMANTLE_PROCESS_SYSTEM_PATHS",
+    },
+    KeyDef {
+        key: "process.private_dir",
+        env: "CODEMANTLE_PROCESS_PRIVATE_DIR",
     },
 ];
 
@@ -392,9 +444,21 @@ impl Layer {
                 }
                 continue;
             }
+            if prefix == "process" && k == "allowlist" {
+                process::walk_allowlist(self, v, problems);
+                continue;
+            }
+            if let toml::Value::Array(items) = &v {
+                if process::is_list_key(&key) {
+                    let raw = process::list_from_toml(items);
+                    let source = Source::File;
+                    self.settings.insert(key, Setting { raw, source });
+                    continue;
+                }
+            }
             let is_section = matches!(
                 k.as_str(),
-                "server" | "device" | "roots" | "reconnect" | "idempotency" | "log"
+                "server" | "device" | "roots" | "reconnect" | "idempotency" | "log" | "process"
             ) && prefix.is_empty();
             match (is_section, v) {
                 (true, toml::Value::Table(t)) => self.walk_table(&key, t, problems),
@@ -463,7 +527,7 @@ fn unknown_key(key: &str) -> Problem {
         .map(|d| d.key)
         .collect();
     let fix = if known.is_empty() {
-        "remove it or check the spelling; sections are [server], [device], [roots], [reconnect], [idempotency], [log]".to_owned()
+        "remove it or check the spelling; sections are [server], [device], [roots], [reconnect], [idempotency], [log], [process]".to_owned()
     } else {
         format!(
             "remove it or check the spelling; known keys here: {}",
@@ -899,6 +963,8 @@ fn validate(layer: Layer) -> (Option<DaemonConfig>, Vec<Problem>, Vec<Problem>) 
     let handshake_timeout_s = v.number("handshake_timeout_s", 10, 1, 300);
     let retention_s = v.number("idempotency.retention_s", 86_400, 60, 30 * 86_400);
 
+    let process = process::validate_process(&mut v, &roots, data_dir.as_deref());
+
     let format = match v.string("log.format") {
         None => LogFormat::Text,
         Some((f, source)) => match f.as_str() {
@@ -952,6 +1018,7 @@ fn validate(layer: Layer) -> (Option<DaemonConfig>, Vec<Problem>, Vec<Problem>) 
             handshake_timeout_s,
             idempotency: IdempotencyConfig { retention_s },
             log: LogConfig { format, level },
+            process,
         }),
         _ => None,
     };

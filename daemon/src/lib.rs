@@ -13,6 +13,7 @@
 //! - [`guard::path`]: roots as open directory fds; every path resolved beneath them by the kernel.
 //! - [`config_apply`]: config pushes (`cc`): digest, device-key signature, policy modes, apply
 //!   path allowlist, atomic write with `.prev` rollback; session-init payloads kept per folder.
+//! - [`guard::process`]: allowlisted programs in a landlock sandbox as an unprivileged user.
 //! - [`fs`]: list (sorted, paged), mkdir, rmdir (recursive by fd), rename (no-overwrite default).
 //! - [`journal`]: sled-backed offline state; idempotency outcomes that survive restarts.
 //! - [`backoff`]: sans-io reconnect delays with full jitter and an auth-rejected mode.

@@ -8,5 +8,9 @@
 //! - [`path`]: root-confined file access. Paths are resolved by the kernel *from an open root
 //!   directory fd* (`openat2` with `RESOLVE_BENEATH`), never by string checks on real paths, so
 //!   there is no window between "checked" and "used".
+//! - [`process`]: the only way to start a program: allowlisted by absolute path, own session,
+//!   unprivileged user, rlimits, clean environment, landlock sandbox; identity by (pid, start
+//!   time) so a restarted daemon never signals a recycled pid.
 
 pub mod path;
+pub mod process;
