@@ -258,7 +258,10 @@ fn cannot_signal_the_daemon_or_processes_outside_the_sandbox() {
 
 #[test]
 fn limits_identity_and_no_new_privs_visible_in_the_child() {
-    let w = World::new();
+    let w = World::with_config(|c| {
+        c.limits.max_address_space_mb = Some(16 * 1024);
+        c.limits.max_cpu_seconds = Some(3600);
+    });
     let r = w.probe(&ops(&["cat /proc/self/limits", "cat /proc/self/status"]));
     let limits: Vec<&str> = r[0].split('\u{1}').collect();
     let row = |name: &str| -> Vec<String> {
@@ -274,6 +277,12 @@ fn limits_identity_and_no_new_privs_visible_in_the_child() {
     assert_eq!(row("Max core file size")[..2], ["0", "0"]);
     assert_eq!(row("Max open files")[..2], ["512", "512"]);
     assert_eq!(row("Max processes")[..2], ["2000", "2000"]);
+    let bytes = (16u64 << 30).to_string();
+    assert_eq!(
+        row("Max address space")[..2],
+        [bytes.as_str(), bytes.as_str()]
+    );
+    assert_eq!(row("Max cpu time")[..2], ["3600", "3600"]);
     let status: Vec<&str> = r[1].split('\u{1}').collect();
     let field = |name: &str| -> String {
         status

@@ -415,6 +415,24 @@ pub(super) fn validate_process(
             }
         },
     };
+    if euid != 0 && !config.allowlist.is_empty() {
+        let gid = nix::unistd::getegid();
+        let extra: Vec<u32> = nix::unistd::getgroups()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|g| *g != gid)
+            .map(|g| g.as_raw())
+            .collect();
+        if !extra.is_empty() {
+            v.warnings.push(Problem::new(
+                "process.run_as",
+                format!(
+                    "the daemon is not root, so its children keep its supplementary groups {extra:?} (group-owned files and sockets, e.g. docker's, stay reachable)"
+                ),
+                "run the daemon as a user with no supplementary groups, or as root with process.run_as",
+            ));
+        }
+    }
     if euid == 0
         && config.run_as.is_none()
         && !config.allowlist.is_empty()

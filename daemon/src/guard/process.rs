@@ -371,6 +371,10 @@ pub fn kill_group(
 }
 
 /// A started, sandboxed child.
+///
+/// Read both `stdout` and `stderr` (or drop them): a child blocks once a pipe it writes to is
+/// full (64 KiB). Dropping a `GuardedChild` does not stop the process (sessions outlive their
+/// handles, and the daemon); it hands the reaping to a small thread so no zombie is left.
 #[derive(Debug)]
 pub struct GuardedChild {
     pub pid: i32,
@@ -382,7 +386,22 @@ pub struct GuardedChild {
     pub stdout: Option<ChildStdout>,
     pub stderr: Option<ChildStderr>,
     pub protection: ProtectionReport,
-    child: Child,
+    /// `None` once handed to [`GuardedChild::wait_exit`].
+    child: Option<Child>,
+}
+
+impl Drop for GuardedChild {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(None) = child.try_wait() {
+                // Not exited yet: wait for it elsewhere. If the thread cannot be started, the
+                // zombie is reaped when the daemon exits (init adopts it).
+                let _ = std::thread::Builder::new()
+                    .name(format!("reap-{}", self.pid))
+                    .spawn(move || child.wait());
+            }
+        }
+    }
 }
 
 impl GuardedChild {
@@ -401,18 +420,32 @@ impl GuardedChild {
 
     /// Reap the child if it has exited (the rest of its group may live on).
     pub fn try_wait(&mut self) -> std::io::Result<Option<Exit>> {
-        Ok(self.child.try_wait()?.map(Exit::from_status))
+        match self.child.as_mut() {
+            Some(child) => Ok(child.try_wait()?.map(Exit::from_status)),
+            None => Ok(None),
+        }
     }
 
     /// Block until the child exits and reap it.
     pub fn wait(&mut self) -> std::io::Result<Exit> {
-        self.child.wait().map(Exit::from_status)
+        match self.child.as_mut() {
+            Some(child) => child.wait().map(Exit::from_status),
+            None => Err(std::io::Error::other(
+                "the child was already handed to wait_exit",
+            )),
+        }
     }
 
     /// Wait on a blocking thread (smol's pool) and reap. Take `stdout`/`stderr` and keep
     /// [`GuardedChild::id`] first if you still need them.
     pub async fn wait_exit(mut self) -> std::io::Result<Exit> {
-        smol::unblock(move || self.child.wait().map(Exit::from_status)).await
+        let child = self.child.take();
+        match child {
+            Some(mut child) => smol::unblock(move || child.wait().map(Exit::from_status)).await,
+            None => Err(std::io::Error::other(
+                "the child was already handed to wait_exit",
+            )),
+        }
     }
 }
 
@@ -660,7 +693,7 @@ impl ProcessGuard {
             stdout: child.stdout.take(),
             stderr: child.stderr.take(),
             protection,
-            child,
+            child: Some(child),
         })
     }
 

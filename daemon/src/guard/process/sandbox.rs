@@ -8,7 +8,7 @@
 //!
 //! | where | rights |
 //! |---|---|
-//! | system directories (`/usr`, `/lib`, `/lib64`, `/lib32`, `/bin`, `/sbin`, `/opt`... see [`SYSTEM_EXEC_DIRS`]) and `process.system_paths` | read, execute |
+//! | system directories (`/usr`, `/lib`, `/lib64`, `/lib32`, `/bin`, `/sbin`: [`SYSTEM_EXEC_DIRS`]) and `process.system_paths` (e.g. `/opt/opencode`) | read, execute |
 //! | each allowlisted program file | read, execute |
 //! | a fixed list of files and directories under `/etc` ([`ETC_READ_PATHS`]) and `/proc`, `/sys` | read |
 //! | `/dev/null`, `/dev/zero`, `/dev/full`, `/dev/random`, `/dev/urandom`, `/dev/tty` | read, write |
@@ -42,8 +42,7 @@ use landlock::{
 };
 
 /// Directories granted read + execute when they exist.
-pub const SYSTEM_EXEC_DIRS: &[&str] =
-    &["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/opt"];
+pub const SYSTEM_EXEC_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32"];
 
 /// Files and directories under `/etc` granted read-only when they exist.
 pub const ETC_READ_PATHS: &[&str] = &[
