@@ -22,7 +22,7 @@
 //!   (fixed, [`CHILD_PATH`]), `HOME` and `TMPDIR` (the session's private directories), `USER`
 //!   and `LOGNAME`, plus what the caller sets ([`SpawnSpec::extra_env`]). Never `CODEMANTLE_*`,
 //!   never `LD_*`: config and [`SpawnSpec`] validation refuse those names.
-//! - **Landlock** (Linux's unprivileged sandbox; see [`sandbox`](self::sandbox) for the exact
+//! - **Landlock** (Linux's unprivileged sandbox; see [`sandbox`] for the exact
 //!   grants): read-write only beneath the project directory and the private home and tmp, no
 //!   execution there, read + execute on the system directories, a short list of `/etc` files,
 //!   nothing else. TCP bind/connect limited to the allowed ports on ABI ≥ 4; signals and
@@ -41,7 +41,7 @@
 //! # Why `pre_exec` and not a helper binary
 //!
 //! `std::process::Command` does the fork/exec, pipes and exec-error reporting; the guard adds
-//! one `pre_exec` closure ([`child`](self::child)) that only makes system calls on values
+//! one `pre_exec` closure (the private `child` module) that only makes system calls on values
 //! prepared before the fork. Landlock's `restrict_self` applies to the calling thread, so it
 //! has to run in the child; building the ruleset (which opens files and allocates) happens in
 //! the daemon first.

@@ -1,8 +1,8 @@
 //! The landlock half of the process guard: probe what this kernel offers, and build the ruleset
-//! **in the daemon, before fork**. Only `landlock_restrict_self(fd)` runs in the child (see
-//! [`super::child`]), because a landlock domain applies to the calling thread and is inherited by
-//! everything it later starts, and because building a ruleset allocates and opens files, which a
-//! forked child of a multi-threaded daemon must not do.
+//! **in the daemon, before fork**. Only `landlock_restrict_self(fd)` runs in the child (see the
+//! private `child` module), because a landlock domain applies to the calling thread and is
+//! inherited by everything it later starts, and because building a ruleset allocates and opens
+//! files, which a forked child of a multi-threaded daemon must not do.
 //!
 //! What a sandboxed process may touch (everything else is denied by the kernel):
 //!
