@@ -17,6 +17,8 @@
 //! ```toml
 //! data_dir = "/var/lib/codemantle"      # sled journal lives here (default shown)
 //! handshake_timeout_s = 10
+//! exposed_ports = [3000, 8080]          # optional: local ports announced to the control plane
+//!                                       # (`pl`) for its port proxy; at most 24
 //!
 //! [server]
 //! url = "wss://cp.example.com/ws"       # ws:// only for loopback or a lab
@@ -53,7 +55,8 @@
 //! `CODEMANTLE_DATA_DIR`, `CODEMANTLE_ROOT_<ALIAS>` (alias lower-cased, e.g.
 //! `CODEMANTLE_ROOT_CWD`), `CODEMANTLE_RECONNECT_BASE_MS`, `CODEMANTLE_RECONNECT_CAP_MS`,
 //! `CODEMANTLE_RECONNECT_STABLE_AFTER_S`, `CODEMANTLE_HANDSHAKE_TIMEOUT_S`,
-//! `CODEMANTLE_IDEMPOTENCY_RETENTION_S`, `CODEMANTLE_LOG_FORMAT`, `CODEMANTLE_LOG_LEVEL`
+//! `CODEMANTLE_IDEMPOTENCY_RETENTION_S`, `CODEMANTLE_EXPOSED_PORTS` (comma-separated, e.g.
+//! `3000,8080`), `CODEMANTLE_LOG_FORMAT`, `CODEMANTLE_LOG_LEVEL`
 //! (and `CODEMANTLE_CONFIG` for the file's path, read by `main`). An empty variable counts as
 //! unset. Other `CODEMANTLE_*` variables are reported as warnings, not errors, because the
 //! operator CLI shares the prefix.
@@ -250,9 +253,15 @@ pub struct DaemonConfig {
     pub handshake_timeout_s: u64,
     pub idempotency: IdempotencyConfig,
     pub log: LogConfig,
+    /// Local TCP ports announced to the control plane in `pl` (ascending, unique, at most
+    /// [`MAX_EXPOSED_PORTS`]); empty means none. Sessions will add the ports they open.
+    pub exposed_ports: Vec<u16>,
     /// `[process]`: what the process guard may start, as whom, how confined ([`process`]).
     pub process: ProcessConfig,
 }
+
+/// Most ports `exposed_ports` may list (0.1.50 reported at most 24).
+pub const MAX_EXPOSED_PORTS: usize = 24;
 
 /// A loaded configuration and the non-fatal remarks about it.
 #[derive(Debug, Clone)]
@@ -310,6 +319,10 @@ const KEYS: &[KeyDef] = &[
     KeyDef {
         key: "idempotency.retention_s",
         env: "CODEMANTLE_IDEMPOTENCY_RETENTION_S",
+    },
+    KeyDef {
+        key: "exposed_ports",
+        env: "CODEMANTLE_EXPOSED_PORTS",
     },
     KeyDef {
         key: "log.format",
@@ -475,6 +488,18 @@ impl Layer {
                     let raw = match v {
                         toml::Value::String(s) => Raw::Str(s),
                         toml::Value::Integer(i) => Raw::Int(i),
+                        // `exposed_ports`: carried as the same comma-separated text
+                        // the env variable uses.
+                        toml::Value::Array(items) if key == "exposed_ports" => {
+                            match items
+                                .iter()
+                                .map(|i| i.as_integer().map(|n| n.to_string()))
+                                .collect::<Option<Vec<String>>>()
+                            {
+                                Some(ns) => Raw::Str(ns.join(",")),
+                                None => Raw::Other("an array with non-integer items"),
+                            }
+                        }
                         other => Raw::Other(other.type_str()),
                     };
                     self.settings.insert(
@@ -962,6 +987,22 @@ fn validate(layer: Layer) -> (Option<DaemonConfig>, Vec<Problem>, Vec<Problem>) 
     let stable_after_s = v.number("reconnect.stable_after_s", 60, 0, 86_400);
     let handshake_timeout_s = v.number("handshake_timeout_s", 10, 1, 300);
     let retention_s = v.number("idempotency.retention_s", 86_400, 60, 30 * 86_400);
+    let exposed_ports = match v.string("exposed_ports") {
+        None => Vec::new(),
+        Some((list, source)) => match parse_ports(&list) {
+            Ok(ports) => ports,
+            Err(what) => {
+                v.problems.push(Problem::new(
+                    "exposed_ports",
+                    format!("{list:?}{} {what}", from_note(&source)),
+                    format!(
+                        "list up to {MAX_EXPOSED_PORTS} TCP ports from 1 to 65535, e.g. exposed_ports = [3000, 8080] (env: CODEMANTLE_EXPOSED_PORTS=3000,8080)"
+                    ),
+                ));
+                Vec::new()
+            }
+        },
+    };
 
     let process = process::validate_process(&mut v, &roots, data_dir.as_deref());
 
@@ -1018,6 +1059,7 @@ fn validate(layer: Layer) -> (Option<DaemonConfig>, Vec<Problem>, Vec<Problem>) 
             handshake_timeout_s,
             idempotency: IdempotencyConfig { retention_s },
             log: LogConfig { format, level },
+            exposed_ports,
             process,
         }),
         _ => None,
@@ -1179,6 +1221,26 @@ fn parse_pin(value: &str) -> Option<[u8; 32]> {
             .find_map(|e| e.decode(v).ok())?
     };
     bytes.try_into().ok()
+}
+
+/// A comma-separated port list (`3000,8080`; spaces allowed) → ascending, unique ports.
+fn parse_ports(list: &str) -> Result<Vec<u16>, String> {
+    let mut ports = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        match item.parse::<u16>() {
+            Ok(p) if p != 0 => ports.push(p),
+            _ => return Err(format!("has {item:?}, which is not a port from 1 to 65535")),
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    if ports.len() > MAX_EXPOSED_PORTS {
+        return Err(format!(
+            "lists {} ports; at most {MAX_EXPOSED_PORTS} are announced",
+            ports.len()
+        ));
+    }
+    Ok(ports)
 }
 
 fn is_device_id(id: &str) -> bool {
@@ -1454,6 +1516,28 @@ mod tests {
         assert_eq!(parse_pin(&format!("sha256/{b64}")), Some(pin));
         assert_eq!(parse_pin("abcd"), None);
         assert_eq!(parse_pin(&hex[2..]), None);
+    }
+
+    #[test]
+    fn port_lists() {
+        assert_eq!(parse_ports("8080, 3000,3000"), Ok(vec![3000, 8080]));
+        assert_eq!(parse_ports(""), Ok(vec![]));
+        assert!(parse_ports("0").is_err());
+        assert!(parse_ports("70000").is_err());
+        assert!(parse_ports("x").is_err());
+        let many: Vec<String> = (1..=25).map(|p| p.to_string()).collect();
+        assert!(parse_ports(&many.join(",")).is_err());
+        let (layer, problems) = Layer::from_toml_str("exposed_ports = [8080, 3000]\n");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            layer.settings["exposed_ports"].raw,
+            Raw::Str("8080,3000".to_owned())
+        );
+        let (layer, _) = Layer::from_toml_str("exposed_ports = [\"x\"]\n");
+        assert_eq!(
+            layer.settings["exposed_ports"].raw,
+            Raw::Other("an array with non-integer items")
+        );
     }
 
     #[test]
