@@ -18,11 +18,16 @@
 //! - [`journal`]: sled-backed offline state; idempotency outcomes that survive restarts.
 //! - [`backoff`]: sans-io reconnect delays with full jitter and an auth-rejected mode.
 //! - [`redact`]: secret-name patterns and redaction for logs and `Debug`.
+//! - [`tunnel`]: the outbound WebSocket: TLS trust, h1/h2, CBOR-first with JSON fallback,
+//!   heartbeat and liveness, reconnect.
+//! - [`dispatch`]: request → handler (the one registration `match`), idempotent mutations.
 
 pub mod backoff;
 pub mod config;
 pub mod config_apply;
+pub mod dispatch;
 pub mod fs;
 pub mod guard;
 pub mod journal;
 pub mod redact;
+pub mod tunnel;
