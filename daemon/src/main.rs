@@ -1,17 +1,34 @@
 //! `codemantle-daemon`: load and check the configuration, set up logging, open the host-side
-//! pieces (roots, journal, device key), then hand them to the tunnel.
+//! pieces (roots, journal, device key), then run the tunnel until SIGTERM/SIGINT.
 //!
-//! Exit codes: 0 success (`--check-config` found nothing wrong); 1 configuration or startup
-//! problem (every problem printed as `<key>: <what> — <fix>`); 2 the tunnel is not built yet.
+//! systemd (`Type=notify`): `READY=1` once the configuration, key, roots and journal are open
+//! (before the first dial: an unreachable control plane is not a failed start, the daemon keeps
+//! retrying); `STATUS=` follows the link (connected, disconnected, rejected); `WATCHDOG=1` from
+//! the event loop at half `WatchdogSec`; `STOPPING=1` on SIGTERM/SIGINT, then the link is closed
+//! with 1000 and the journal flushed.
+//!
+//! The daemon is meant to run as an unprivileged user (`User=codemantle` in
+//! `codemantle-daemon.service`). Started as root it runs, but warns: everything the control
+//! plane asks for inside a root would then happen with root's rights.
+//!
+//! Exit codes: 0 success (`--check-config` found nothing wrong, or an orderly stop); 1
+//! configuration or startup problem (every problem printed as `<key>: <what> — <fix>`).
 
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
 
 use clap::Parser;
 use codemantle_daemon::config::{self, DaemonConfig, Layer, LogFormat, Source};
+use codemantle_daemon::dispatch::Dispatcher;
 use codemantle_daemon::guard::path::Roots;
 use codemantle_daemon::journal::Journal;
+use codemantle_daemon::tunnel::{self, Tunnel, TunnelEvent};
+use codemantle_protocol::codec::Codec;
+use codemantle_sd_notify::Notifier;
+use futures_lite::StreamExt as _;
 
 /// CodeMantle host daemon: dials out to the control plane and carries out its commands, confined
 /// to the configured roots.
@@ -96,6 +113,7 @@ impl Cli {
 }
 
 fn main() -> ExitCode {
+    let started = Instant::now();
     let cli = Cli::parse();
     let (path, required) = match &cli.config {
         Some(p) => (p.clone(), true),
@@ -135,7 +153,7 @@ fn main() -> ExitCode {
         tracing::warn!("{w}");
     }
 
-    match start(loaded.config) {
+    match start(loaded.config, started) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -144,15 +162,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// Open the host-side pieces, in the order that fails fastest on a misconfigured host, and hand
-/// them to the tunnel.
-fn start(config: DaemonConfig) -> anyhow::Result<ExitCode> {
+/// Open the host-side pieces, in the order that fails fastest on a misconfigured host, then
+/// run the tunnel until a stop signal.
+fn start(config: DaemonConfig, started: Instant) -> anyhow::Result<ExitCode> {
     tracing::info!(
         device = %config.device.id,
         server = %config.server.url,
         version = env!("CARGO_PKG_VERSION"),
         "starting codemantle-daemon"
     );
+    if nix::unistd::geteuid().is_root() {
+        tracing::warn!(
+            "running as root: the daemon is meant to run as an unprivileged user (User=codemantle in codemantle-daemon.service); as root, every command the control plane sends acts with root's rights inside the roots"
+        );
+    }
     let key =
         config::read_device_key(&config.device.key_file).map_err(|p| anyhow::anyhow!("{p}"))?;
     let roots = Roots::open(&config.roots)?;
@@ -164,17 +187,87 @@ fn start(config: DaemonConfig) -> anyhow::Result<ExitCode> {
             "root open"
         );
     }
-    let journal = Journal::open(&config.data_dir, config.idempotency.retention_s)?;
+    let journal = Arc::new(Journal::open(
+        &config.data_dir,
+        config.idempotency.retention_s,
+    )?);
+    let dispatcher = Arc::new(Dispatcher::new(Arc::new(roots), Arc::clone(&journal)));
 
-    // Seam for the tunnel (issue 4): it owns the run loop from here, e.g.
-    //     return smol::block_on(tunnel::run(config, key, roots, journal));
-    // and dispatches file commands to `codemantle_daemon::fs` with `roots.get(alias)?`, recording
-    // mutating outcomes in `journal`, reconnecting with `backoff::Backoff::from_config`.
-    let _ = (key, roots, journal);
-    tracing::error!(
-        "configuration and host checks passed, but the tunnel is not built yet in this version; exiting"
-    );
-    Ok(ExitCode::from(2))
+    let config = Arc::new(config);
+    let notifier = Arc::new(Notifier::from_env());
+    let status_hook: tunnel::EventHook = {
+        let notifier = Arc::clone(&notifier);
+        let url = config.server.url.to_string();
+        Arc::new(move |event: &TunnelEvent| {
+            if let Some(status) = status_line(event, &url) {
+                let _ = notifier.status(&status);
+            }
+        })
+    };
+    let tunnel = Tunnel::new(Arc::clone(&config), key, dispatcher, started, status_hook)?;
+    let mut signals =
+        async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
+    let (trigger, shutdown) = tunnel::shutdown_pair();
+
+    tracing::info!("connecting to {}", config.server.url);
+    if let Err(e) = notifier.ready(&format!("connecting to {}", config.server.url)) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
+
+    smol::block_on(async {
+        let stop_on_signal = async {
+            if let Some(Ok(signal)) = signals.next().await {
+                tracing::info!("received {signal:?}, shutting down");
+            }
+            let _ = notifier.stopping();
+            trigger.trigger();
+            // The tunnel closes the link and returns; this side waits for it.
+            std::future::pending::<()>().await;
+        };
+        let watchdog = async {
+            match notifier.watchdog_interval() {
+                Some(every) => loop {
+                    let _ = notifier.watchdog();
+                    smol::Timer::after(every).await;
+                },
+                None => std::future::pending::<()>().await,
+            }
+        };
+        futures_lite::future::or(
+            tunnel.run(shutdown),
+            futures_lite::future::or(stop_on_signal, watchdog),
+        )
+        .await;
+    });
+
+    if let Err(e) = journal.flush() {
+        tracing::error!("flushing the journal at shutdown failed: {e}");
+        return Ok(ExitCode::FAILURE);
+    }
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The systemd `STATUS=` line for a tunnel event (`None`: no change worth showing).
+fn status_line(event: &TunnelEvent, url: &str) -> Option<String> {
+    Some(match event {
+        TunnelEvent::Dialing { .. } => format!("connecting to {url}"),
+        TunnelEvent::Connected { sid, codec, .. } => {
+            let mode = match codec {
+                Codec::Cbor => "native",
+                Codec::Json => "0.1.x JSON compat",
+            };
+            format!("connected to {url} (session {sid}, {mode})")
+        }
+        TunnelEvent::Rejected { code } => {
+            format!("rejected by the control plane ({code}): check device.id and device.key_file")
+        }
+        TunnelEvent::Disconnected { reason } => format!("disconnected: {reason}"),
+        TunnelEvent::Retrying { delay, .. } => {
+            format!("reconnecting in {:.1} s", delay.as_secs_f32())
+        }
+        TunnelEvent::JsonFallback => return None,
+    })
 }
 
 /// Text without ANSI colour unless stderr is a terminal (journald gets plain lines, and its own

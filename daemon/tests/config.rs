@@ -483,14 +483,44 @@ fn check_config_flag() {
 }
 
 #[test]
-fn run_stops_at_the_tunnel_seam_after_opening_everything() {
+fn run_opens_everything_dials_and_stops_on_sigterm() {
     let s = Setup::new();
     let path = s.write_config(&s.good_toml());
-    let out = daemon().arg("--config").arg(&path).output().unwrap();
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("tunnel is not built yet"), "{stderr}");
-    assert!(!stderr.contains("s3cret"), "{stderr}");
+    // A loopback port nobody listens on: the daemon dials, is refused, and keeps retrying.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = s.path("daemon.log");
+    let mut child = daemon()
+        .arg("--config")
+        .arg(&path)
+        .arg("--server-url")
+        .arg(format!("ws://127.0.0.1:{closed_port}/ws"))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("reconnecting in")
+    {
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the daemon never dialled");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // The journal was opened (and created private) on the way.
     assert!(s.path("data/journal").exists());
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{status:?}\n{stderr}");
+    assert!(stderr.contains("stopped"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "{stderr}");
 }
