@@ -27,6 +27,7 @@ pub mod config;
 pub mod config_apply;
 pub mod dispatch;
 pub mod fs;
+pub mod git;
 pub mod guard;
 pub mod journal;
 pub mod redact;
