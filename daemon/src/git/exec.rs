@@ -103,6 +103,16 @@ pub(super) struct Finished {
     pub ending: Ending,
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// stdout was longer than the bytes kept ([`STDOUT_CAP`]); `stdout` is its beginning.
+    pub stdout_cut: bool,
+}
+
+/// The bytes of one stream kept so far.
+#[derive(Debug, Default)]
+struct Captured {
+    bytes: Vec<u8>,
+    /// More arrived than the cap allowed.
+    cut: bool,
 }
 
 impl Finished {
@@ -223,13 +233,14 @@ impl Exec<'_> {
                     ending: Ending::NotStarted(e.to_string()),
                     stdout: Vec::new(),
                     stderr: Vec::new(),
+                    stdout_cut: false,
                 };
             }
         };
         let id = child.id();
         let (tx, rx) = async_channel::bounded(LINE_QUEUE);
-        let out_buf = Arc::new(Mutex::new(Vec::new()));
-        let err_buf = Arc::new(Mutex::new(Vec::new()));
+        let out_buf = Arc::new(Mutex::new(Captured::default()));
+        let err_buf = Arc::new(Mutex::new(Captured::default()));
         if let Some(stdout) = child.stdout.take() {
             let (tx, buf, echo) = (tx.clone(), out_buf.clone(), cmd.echo_stdout);
             smol::unblock(move || pump(stdout, GitLogStream::Out, echo, STDOUT_CAP, &buf, &tx))
@@ -314,9 +325,10 @@ impl Exec<'_> {
         // SIGTERM) goes now. The leader is reaped, so this finds members by group id.
         smol::unblock(move || signal(id, Signal::SIGKILL)).await;
 
-        let take = |buf: &Arc<Mutex<Vec<u8>>>| {
+        let take = |buf: &Arc<Mutex<Captured>>| {
             std::mem::take(&mut *buf.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
         };
+        let (stdout, stderr) = (take(&out_buf), take(&err_buf));
         let ending = if timed_out {
             Ending::TimedOut(self.timeout)
         } else {
@@ -329,8 +341,9 @@ impl Exec<'_> {
         };
         Finished {
             ending,
-            stdout: take(&out_buf),
-            stderr: take(&err_buf),
+            stdout: stdout.bytes,
+            stderr: stderr.bytes,
+            stdout_cut: stdout.cut,
         }
     }
 }
@@ -349,7 +362,7 @@ fn pump(
     stream: GitLogStream,
     echo: bool,
     cap: usize,
-    captured: &Mutex<Vec<u8>>,
+    captured: &Mutex<Captured>,
     tx: &async_channel::Sender<(GitLogStream, String)>,
 ) {
     let mut buf = [0u8; 8192];
@@ -374,8 +387,9 @@ fn pump(
         let chunk = &buf[..n];
         {
             let mut kept = captured.lock().unwrap_or_else(|p| p.into_inner());
-            let room = cap.saturating_sub(kept.len());
-            kept.extend_from_slice(&chunk[..n.min(room)]);
+            let room = cap.saturating_sub(kept.bytes.len());
+            kept.bytes.extend_from_slice(&chunk[..n.min(room)]);
+            kept.cut |= n > room;
         }
         if sending {
             for &b in chunk {
@@ -399,6 +413,7 @@ mod tests {
             ending,
             stdout: Vec::new(),
             stderr: stderr.as_bytes().to_vec(),
+            stdout_cut: false,
         }
     }
 
@@ -434,7 +449,7 @@ mod tests {
     #[test]
     fn pump_splits_lines_and_caps_bytes() {
         let (tx, rx) = async_channel::bounded(16);
-        let kept = Mutex::new(Vec::new());
+        let kept = Mutex::new(Captured::default());
         let input: &[u8] = b"one\r\ntwo\rthree\nlast";
         pump(input, GitLogStream::Err, true, 6, &kept, &tx);
         drop(tx);
@@ -443,6 +458,8 @@ mod tests {
             lines.push(l);
         }
         assert_eq!(lines, ["one", "two", "three", "last"]);
-        assert_eq!(kept.into_inner().unwrap(), b"one\r\nt");
+        let kept = kept.into_inner().unwrap();
+        assert_eq!(kept.bytes, b"one\r\nt");
+        assert!(kept.cut);
     }
 }

@@ -222,7 +222,17 @@ impl GitRunner {
         if !done.ok() {
             return Ok(failed(done.failure_text("git_status_failed")));
         }
-        let st = parse::status(&done.stdout);
+        let mut out: &[u8] = &done.stdout;
+        if done.stdout_cut {
+            // Only whole records: the last one may be cut mid-name.
+            let whole = out.iter().rposition(|&b| b == 0).map_or(0, |i| i + 1);
+            out = &out[..whole];
+            exec.emit(
+                GitLogStream::Meta,
+                "status output too large: only its beginning was read, the lists are incomplete",
+            );
+        }
+        let st = parse::status(out);
         if st.omitted > 0 {
             exec.emit(
                 GitLogStream::Meta,
