@@ -551,6 +551,72 @@ fn init_add_commit_status_branch_checkout() {
 }
 
 #[test]
+fn long_output_is_cut_in_gq_but_not_in_the_reply() {
+    let w = World::new();
+    w.bare_repo("remote.git");
+    assert!(w.clone_repo("remote.git", "work").ok);
+    // 250 more branches, written straight into packed-refs (one file, no 250 processes).
+    let head = std::fs::read_to_string(w.p("work/.git/refs/heads/main"))
+        .or_else(|_| {
+            std::fs::read_to_string(w.p("work/.git/packed-refs")).map(|t| {
+                t.lines()
+                    .find(|l| l.ends_with(" refs/heads/main"))
+                    .unwrap_or_default()
+                    .split(' ')
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+        })
+        .unwrap();
+    let head = head.trim();
+    assert_eq!(head.len(), 40, "{head:?}");
+    // Keep what clone packed (origin's refs); no "sorted" trait, so order does not matter.
+    let mut packed = String::from("# pack-refs with: peeled fully-peeled \n");
+    if let Ok(existing) = std::fs::read_to_string(w.p("work/.git/packed-refs")) {
+        for line in existing.lines().filter(|l| !l.starts_with('#')) {
+            packed.push_str(line);
+            packed.push('\n');
+        }
+    }
+    for i in 0..250 {
+        packed.push_str(&format!("{head} refs/heads/b{i:03}\n"));
+    }
+    std::fs::write(w.p("work/.git/packed-refs"), packed).unwrap();
+    chown_tree(&w.p("work/.git/packed-refs"));
+    w.logs.take();
+
+    let b = w.branch("work", None, None);
+    assert!(b.ok, "{b:?}");
+    assert_eq!(b.current.as_deref(), Some("main"));
+    let list = set(&b.branches);
+    assert!(list.len() >= 251, "{}", list.len());
+    assert!(list.contains(&"b249") && list.contains(&"remotes/origin/main"));
+    let logs = w.logs.take();
+    let out_lines = logs
+        .iter()
+        .filter(|l| l.stream == GitLogStream::Out)
+        .count();
+    assert_eq!(out_lines, 200);
+    assert!(
+        logs.iter()
+            .any(|l| l.line == "additional git output truncated after 200 lines"),
+        "{}",
+        Logs::text(&logs)
+    );
+    assert_eq!(logs.last().unwrap().line, "git command completed");
+
+    // A rename shows as the new name added and the old one deleted.
+    w.setup_git(&w.p("work"), &["mv", "README", "README.md"]);
+    chown_tree(&w.p("work"));
+    let st = w.status("work");
+    assert!(st.ok, "{st:?}");
+    assert_eq!(set(&st.added), ["README.md"]);
+    assert_eq!(set(&st.deleted), ["README"]);
+    assert_eq!(st.branch.as_deref(), Some("main"));
+}
+
+#[test]
 fn status_never_finds_a_repository_above_the_root() {
     let w = World::new();
     // The temp dir itself becomes a repository; the root inside it is not one.
