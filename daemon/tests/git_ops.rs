@@ -1085,9 +1085,9 @@ fn processes_mentioning(needle: &str) -> Vec<String> {
     found
 }
 
-#[test]
-fn timeout_stops_a_hung_clone_and_its_whole_group() {
-    // A "server" that accepts and never answers.
+/// A loopback "server" that accepts connections and never answers; returns its port and the
+/// connections it holds.
+fn hung_server() -> (u16, Arc<Mutex<Vec<std::net::TcpStream>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let held = Arc::new(Mutex::new(Vec::new()));
@@ -1097,6 +1097,58 @@ fn timeout_stops_a_hung_clone_and_its_whole_group() {
             keep.lock().unwrap().push(stream);
         }
     });
+    (port, held)
+}
+
+/// Wait (up to 3 s) until no process mentions `needle` in its argv.
+fn assert_none_left(needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let left = processes_mentioning(needle);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "still running: {left:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_cancelled_request_leaves_no_git_running() {
+    let (port, held) = hung_server();
+    let w = World::with(
+        &first_git(),
+        &[port],
+        Duration::from_secs(120),
+        UrlPolicy::default(),
+    );
+    let req = GitClone {
+        request_id: 3,
+        root: "cwd".into(),
+        path: "cancelled".into(),
+        url: format!("http://127.0.0.1:{port}/hung.git"),
+        branch: None,
+        idempotency_key: None,
+    };
+    let sink = w.logs.sink();
+    let outcome = smol::block_on(smol::future::or(
+        async { Some(w.runner.clone_repo(&w.root, &req, &sink).await) },
+        async {
+            smol::Timer::after(Duration::from_millis(1500)).await;
+            None
+        },
+    ));
+    assert!(
+        outcome.is_none(),
+        "the clone should still be hanging: {outcome:?}"
+    );
+    assert!(!held.lock().unwrap().is_empty(), "git never connected");
+    assert_none_left(&format!("127.0.0.1:{port}"));
+}
+
+#[test]
+fn timeout_stops_a_hung_clone_and_its_whole_group() {
+    let (port, held) = hung_server();
     let w = World::with(
         &first_git(),
         &[port],
@@ -1129,15 +1181,6 @@ fn timeout_stops_a_hung_clone_and_its_whole_group() {
         Logs::text(&logs)
     );
     // git and its http helper are gone (both carry the URL in their argv).
-    let needle = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        let left = processes_mentioning(&needle);
-        if left.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still running: {left:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert_none_left(&format!("127.0.0.1:{port}"));
     assert!(!w.p("hung").exists(), "the half-made clone was not removed");
 }

@@ -12,7 +12,9 @@
 //!   remove a half-made clone, and SIGKILL [`TERM_GRACE`] later;
 //! - after git exits, its output gets [`DRAIN_GRACE`] to finish, and then anything left in
 //!   the group is killed, so no helper outlives the request (auto-gc is kept in the
-//!   foreground by the hardening prefix for the same reason).
+//!   foreground by the hardening prefix for the same reason);
+//! - if the operation's future is dropped mid-command, the group is killed
+//!   (`KillOnDrop`): a cancelled request leaves nothing running either.
 //!
 //! `gq` lines are sent in order, each normalised and redacted ([`super::text::log_line`]),
 //! at most [`MAX_LOG_LINES`] per command, and all before the command's result returns.
@@ -51,8 +53,26 @@ const MAX_RAW_LINE: usize = 4096;
 /// Lines in flight between a reader and the async side.
 const LINE_QUEUE: usize = 64;
 
-/// Where `gq` lines go. Called in order, before the operation returns its result.
+/// Where `gq` lines go. Called in order, before the operation returns its result, from the
+/// task running the operation: it must not block (queue the frame, e.g. `try_send` on an
+/// unbounded or generous channel, and let the link task send it).
 pub type LogSink = dyn Fn(GitLog) + Send + Sync;
+
+/// Kills git's process group if the operation's future is dropped before the command ended
+/// (the request was cancelled, the link task went away): without it a hung git would outlive
+/// its deadline, since the deadline lives in the dropped future.
+struct KillOnDrop {
+    id: ProcessId,
+    armed: bool,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            signal(self.id, Signal::SIGKILL);
+        }
+    }
+}
 
 /// One git invocation.
 pub(super) struct GitCommand<'a> {
@@ -238,6 +258,7 @@ impl Exec<'_> {
             }
         };
         let id = child.id();
+        let mut cancel_guard = KillOnDrop { id, armed: true };
         let (tx, rx) = async_channel::bounded(LINE_QUEUE);
         let out_buf = Arc::new(Mutex::new(Captured::default()));
         let err_buf = Arc::new(Mutex::new(Captured::default()));
@@ -324,6 +345,7 @@ impl Exec<'_> {
         // Whatever is left of the group (a helper that kept the pipe, or one that ignored
         // SIGTERM) goes now. The leader is reaped, so this finds members by group id.
         smol::unblock(move || signal(id, Signal::SIGKILL)).await;
+        cancel_guard.armed = false;
 
         let take = |buf: &Arc<Mutex<Captured>>| {
             std::mem::take(&mut *buf.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
