@@ -18,6 +18,11 @@
 //! fails the request at once instead of timing out; an unknown `t` answers `e PROTO` and the
 //! connection stays up.
 //!
+//! Listings are sorted and paged (see [`crate::fs`]): `ds.k` carries the cursor of the next
+//! page, absent on the last one, in both codecs. 0.1.50 only echoed the request's `k`; a 0.1.x
+//! control plane passes `ds` through to its API caller as-is, so that caller can page by
+//! sending `k` back as its `cursor`.
+//!
 //! # Idempotency
 //!
 //! A control plane that did not see a reply (the link dropped, the daemon restarted) re-sends

@@ -774,6 +774,29 @@ fn rejected_handshake_backs_off_at_the_cap() {
                 "after {name} the daemon redialled after {waited:?}; expected at least cap/2"
             );
         }
+        // A key revoked while connected: e AUTH on an established link is a rejection too.
+        let mut conn = cp.accept_session("SessionRevoked1", 25).await;
+        let _ = conn.recv().await; // p
+        conn.send(&Message::Error(ErrorFrame {
+            request_id: None,
+            code: ErrorCode::Auth,
+            message: None,
+        }))
+        .await;
+        assert_eq!(conn.expect_close().await, Some(1008));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while daemon
+            .events
+            .snapshot()
+            .iter()
+            .filter(|e| matches!(e, TunnelEvent::Rejected { .. }))
+            .count()
+            < 3
+        {
+            assert!(Instant::now() < deadline, "{:?}", daemon.events.snapshot());
+            smol::Timer::after(Duration::from_millis(10)).await;
+        }
+
         // Every delay after a rejection sits in [cap/2, cap], far above base (10 ms).
         let delays: Vec<Duration> = daemon
             .events

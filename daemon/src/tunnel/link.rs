@@ -397,11 +397,16 @@ impl Tunnel {
                                 detail(e.message.as_deref())
                             );
                             if matches!(e.code, ErrorCode::Auth | ErrorCode::UpdateRequired) {
+                                // E.g. the device key was revoked: retrying soon cannot help.
                                 close(&mut ws, CLOSE_POLICY_VIOLATION, "auth failed").await;
-                                return closed(format!(
-                                    "the control plane sent e {} on an established link",
-                                    e.code.as_str()
-                                ));
+                                return LinkEnd::Rejected {
+                                    code: e.code.as_str().to_owned(),
+                                    reason: format!(
+                                        "the control plane withdrew this device's authorisation (e {}{}): check that the device and its key are still registered (`codemantle device add` output) and that device.key_file holds the current key",
+                                        e.code.as_str(),
+                                        detail(e.message.as_deref())
+                                    ),
+                                };
                             }
                         }
                         Message::HelloAck(_) => tracing::debug!("ignored a second h2"),
