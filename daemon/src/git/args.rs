@@ -176,7 +176,13 @@ pub fn check_identity_email(email: &str) -> Result<(), Refused> {
     }
 }
 
-/// How git may reach a repository: what the daemon's operator allows.
+/// How git may reach a repository: what the daemon's operator allows. Enforced twice: here for
+/// clone URLs (a clear refusal before git starts) and by the `protocol.*.allow` settings of
+/// the hardening prefix for every transport git opens (remotes of push and pull included).
+///
+/// The sandbox decides reachability too: landlock lets git connect only to
+/// `process.connect_ports` (default 443), so `http://` on port 80 or ssh on 22 also needs
+/// those ports there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UrlPolicy {
     /// `http://` (no TLS): allowed with a warning line unless turned off.

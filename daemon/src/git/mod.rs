@@ -38,10 +38,10 @@
 //! Nothing from the wire is ever placed where git parses options. Paths come after `--`;
 //! remotes and branches of `branch`, `push` and `pull` after `--end-of-options` (git ≥ 2.24;
 //! `--` would make them paths); option values are single `--opt=value` elements or follow
-//! their option (`-b <name>`). The one exception is `checkout <branch> --`, where older git
-//! mishandles `--end-of-options`; there the name check below is the guard. On top of that, [`args`] refuses anything starting with
-//! `-`, control characters (a newline in a name), pathspec magic (`:(top)…`), ref names git
-//! would refuse (`git check-ref-format --branch` rules, plus a leading `+`), remotes that are
+//! their option (`-b <name>`). The one exception is `checkout <branch> --`, where git before
+//! 2.44 mishandles `--end-of-options`; there the name check below is the guard. On top of
+//! that, [`args`] refuses anything starting with `-`, control characters (a newline in a
+//! name), pathspec magic (`:(top)…`), ref names git would refuse (`git check-ref-format --branch` rules, plus a leading `+`), remotes that are
 //! not plain names (push and pull go to a configured remote, never an ad-hoc URL or path), and
 //! clone URLs outside [`UrlPolicy`] (`ext::`, `fd::`, `git://`, local paths outside the root).
 //! Refusals are typed replies with `o:0` and an `m` that says what was refused and what to
@@ -71,6 +71,16 @@
 //!   the same root and is cloned with `--no-local` (git's transport, never hard links into a
 //!   tree the requester does not own).
 //! - Timeouts stop git's whole process group (SIGTERM, then SIGKILL), not only git.
+//!
+//! # Known limits
+//!
+//! - A clone URL with credentials (`https://user:token@host/…`) is passed to git as given, so
+//!   the token is in git's argv while the clone runs and git stores it in the clone's
+//!   `.git/config` (as 0.1.50 did). It is redacted from every line and reply. Keeping it out of
+//!   both needs a credential store in the private home; not done yet.
+//! - Resolving `p`, creating the private home and the guard's spawn are short blocking system
+//!   calls made on the calling task; the waiting and reading happen on smol's blocking pool.
+//! - Hooks never run, so a repository's own pre-commit checks do not run on `gp` either.
 
 pub mod args;
 mod exec;
