@@ -22,7 +22,7 @@
 //!
 //! [server]
 //! url = "wss://cp.example.com/ws"       # ws:// only for loopback or a lab
-//! ca_file = "/etc/codemantle/ca.pem"    # optional: trust these CAs instead of the web roots
+//! ca_file = "/etc/codemantle/ca.pem"    # optional: trust these CAs too (added to the system roots)
 //! pin_sha256 = "…"                      # optional: SHA-256 of the server's leaf certificate
 //!                                       # (DER), 64 hex or base64 characters
 //! [device]
@@ -205,7 +205,7 @@ impl ServerUrl {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     pub url: ServerUrl,
-    /// PEM file of CA certificates to trust instead of the built-in web roots.
+    /// PEM file of CA certificates trusted in addition to the system roots.
     pub ca_file: Option<PathBuf>,
     /// SHA-256 of the server's leaf certificate (DER); the TLS handshake must match it.
     pub pin_sha256: Option<[u8; 32]>,

@@ -14,9 +14,9 @@
 //!    (a copied certificate is useless). Rotating the server certificate means updating the pin
 //!    on every daemon first; the pin also outlives the certificate's expiry, deliberately, so an
 //!    expired lab certificate does not cut off the fleet.
-//! 2. **`server.ca_file`** set: only the CAs in that PEM file are trusted, *instead of* the
-//!    system roots (as the config documents). An operator who runs a private CA usually wants
-//!    exactly that CA and not every public one too.
+//! 2. **`server.ca_file`** set: the CAs in that PEM file are trusted *in addition to* the
+//!    system roots, so an air-gapped lab's private CA works without replacing the host's trust
+//!    store. An operator who wants exactly one server and nothing else pins it (case 1).
 //! 3. Otherwise the **system roots**: `$SSL_CERT_FILE` if set, else the first PEM bundle found
 //!    at the usual distribution paths (Debian/Ubuntu, Fedora/RHEL, openSUSE, Alpine). Only if
 //!    none exists (a minimal container) are the compiled-in Mozilla roots (`webpki-roots`) used,
@@ -70,8 +70,8 @@ pub enum TlsSetupError {
 pub enum TrustSource {
     /// `server.pin_sha256`: one exact certificate.
     Pin,
-    /// `server.ca_file`.
-    CaFile(PathBuf),
+    /// `server.ca_file`, added to the system roots.
+    CaFile(PathBuf, Box<TrustSource>),
     /// A system bundle (or `$SSL_CERT_FILE`).
     System(PathBuf),
     /// The compiled-in Mozilla roots.
@@ -82,7 +82,9 @@ impl std::fmt::Display for TrustSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             TrustSource::Pin => f.write_str("pinned server certificate (server.pin_sha256)"),
-            TrustSource::CaFile(p) => write!(f, "CAs in {} (server.ca_file)", p.display()),
+            TrustSource::CaFile(p, system) => {
+                write!(f, "CAs in {} (server.ca_file) plus {system}", p.display())
+            }
             TrustSource::System(p) => write!(f, "system roots in {}", p.display()),
             TrustSource::BuiltIn => f.write_str("built-in Mozilla roots (no system bundle found)"),
         }
@@ -109,10 +111,11 @@ pub fn client_config(server: &ServerConfig) -> Result<(ClientConfig, TrustSource
             .with_no_client_auth();
         return Ok((config, TrustSource::Pin));
     }
-    let (roots, source) = match &server.ca_file {
-        Some(path) => (load_pem_roots(path)?, TrustSource::CaFile(path.clone())),
-        None => system_roots()?,
-    };
+    let (mut roots, mut source) = system_roots()?;
+    if let Some(path) = &server.ca_file {
+        roots.roots.extend(load_pem_roots(path)?.roots);
+        source = TrustSource::CaFile(path.clone(), Box::new(source));
+    }
     let config = builder.with_root_certificates(roots).with_no_client_auth();
     Ok((config, source))
 }
