@@ -45,6 +45,12 @@
 //! [process.allowlist]
 //! git = "/usr/bin/git"
 //!
+//! [config_push]                       # which config pushes to accept; see `config::config_push`
+//! require_signature = true
+//!
+//! [git]                               # how git requests run; see `config::git`
+//! timeout_s = 120
+//!
 //! [log]
 //! format = "text"                       # or "json"
 //! level = "info"                        # tracing filter; RUST_LOG overrides
@@ -56,7 +62,8 @@
 //! `CODEMANTLE_ROOT_CWD`), `CODEMANTLE_RECONNECT_BASE_MS`, `CODEMANTLE_RECONNECT_CAP_MS`,
 //! `CODEMANTLE_RECONNECT_STABLE_AFTER_S`, `CODEMANTLE_HANDSHAKE_TIMEOUT_S`,
 //! `CODEMANTLE_IDEMPOTENCY_RETENTION_S`, `CODEMANTLE_EXPOSED_PORTS` (comma-separated, e.g.
-//! `3000,8080`), `CODEMANTLE_LOG_FORMAT`, `CODEMANTLE_LOG_LEVEL`
+//! `3000,8080`), `CODEMANTLE_LOG_FORMAT`, `CODEMANTLE_LOG_LEVEL`, and those of the
+//! `[process]`, `[config_push]` and `[git]` sections (listed in their modules)
 //! (and `CODEMANTLE_CONFIG` for the file's path, read by `main`). An empty variable counts as
 //! unset. Other `CODEMANTLE_*` variables are reported as warnings, not errors, because the
 //! operator CLI shares the prefix.
@@ -75,8 +82,11 @@ use base64::Engine as _;
 
 use crate::redact::{Secret, redact_text};
 
+pub mod config_push;
+pub mod git;
 pub mod process;
 
+pub use git::GitSettings;
 pub use process::ProcessConfig;
 
 /// Where the config file is read from unless `--config`/`CODEMANTLE_CONFIG` say otherwise.
@@ -102,6 +112,8 @@ pub enum Source {
 pub enum Raw {
     Str(String),
     Int(i64),
+    /// A TOML boolean (env and flags give booleans as text).
+    Bool(bool),
     /// Anything else TOML can hold (named in the type error).
     Other(&'static str),
 }
@@ -258,6 +270,11 @@ pub struct DaemonConfig {
     pub exposed_ports: Vec<u16>,
     /// `[process]`: what the process guard may start, as whom, how confined ([`process`]).
     pub process: ProcessConfig,
+    /// `[config_push]`: which config pushes this host accepts, and where they may write
+    /// ([`config_push`]).
+    pub config_push: crate::config_apply::ApplySettings,
+    /// `[git]`: how git requests run ([`git`]); only used when `git` is allowlisted.
+    pub git: GitSettings,
 }
 
 /// Most ports `exposed_ports` may list (0.1.50 reported at most 24).
@@ -373,6 +390,40 @@ const KEYS: &[KeyDef] = &[
         key: "process.private_dir",
         env: "CODEMANTLE_PROCESS_PRIVATE_DIR",
     },
+    // `[config_push]` (see the `config_push` module).
+    KeyDef {
+        key: "config_push.allowed_apply_paths",
+        env: "CODEMANTLE_CONFIG_PUSH_ALLOWED_APPLY_PATHS",
+    },
+    KeyDef {
+        key: "config_push.require_signature",
+        env: "CODEMANTLE_CONFIG_PUSH_REQUIRE_SIGNATURE",
+    },
+    KeyDef {
+        key: "config_push.policy_floor",
+        env: "CODEMANTLE_CONFIG_PUSH_POLICY_FLOOR",
+    },
+    KeyDef {
+        key: "config_push.restricted_keys",
+        env: "CODEMANTLE_CONFIG_PUSH_RESTRICTED_KEYS",
+    },
+    KeyDef {
+        key: "config_push.restricted_tools",
+        env: "CODEMANTLE_CONFIG_PUSH_RESTRICTED_TOOLS",
+    },
+    // `[git]` (see the `git` module).
+    KeyDef {
+        key: "git.timeout_s",
+        env: "CODEMANTLE_GIT_TIMEOUT_S",
+    },
+    KeyDef {
+        key: "git.allow_http",
+        env: "CODEMANTLE_GIT_ALLOW_HTTP",
+    },
+    KeyDef {
+        key: "git.allow_ssh",
+        env: "CODEMANTLE_GIT_ALLOW_SSH",
+    },
 ];
 
 /// Env variables with the prefix that are not settings but are known (not warned about).
@@ -462,7 +513,7 @@ impl Layer {
                 continue;
             }
             if let toml::Value::Array(items) = &v {
-                if process::is_list_key(&key) {
+                if process::is_list_key(&key) || config_push::is_list_key(&key) {
                     let raw = process::list_from_toml(items);
                     let source = Source::File;
                     self.settings.insert(key, Setting { raw, source });
@@ -471,7 +522,15 @@ impl Layer {
             }
             let is_section = matches!(
                 k.as_str(),
-                "server" | "device" | "roots" | "reconnect" | "idempotency" | "log" | "process"
+                "server"
+                    | "device"
+                    | "roots"
+                    | "reconnect"
+                    | "idempotency"
+                    | "log"
+                    | "process"
+                    | "config_push"
+                    | "git"
             ) && prefix.is_empty();
             match (is_section, v) {
                 (true, toml::Value::Table(t)) => self.walk_table(&key, t, problems),
@@ -488,6 +547,7 @@ impl Layer {
                     let raw = match v {
                         toml::Value::String(s) => Raw::Str(s),
                         toml::Value::Integer(i) => Raw::Int(i),
+                        toml::Value::Boolean(b) => Raw::Bool(b),
                         // `exposed_ports`: carried as the same comma-separated text
                         // the env variable uses.
                         toml::Value::Array(items) if key == "exposed_ports" => {
@@ -552,7 +612,7 @@ fn unknown_key(key: &str) -> Problem {
         .map(|d| d.key)
         .collect();
     let fix = if known.is_empty() {
-        "remove it or check the spelling; sections are [server], [device], [roots], [reconnect], [idempotency], [log], [process]".to_owned()
+        "remove it or check the spelling; sections are [server], [device], [roots], [reconnect], [idempotency], [log], [process], [config_push], [git]".to_owned()
     } else {
         format!(
             "remove it or check the spelling; known keys here: {}",
@@ -709,6 +769,14 @@ impl Validator {
                 ));
                 None
             }
+            Raw::Bool(b) => {
+                self.problems.push(Problem::new(
+                    key,
+                    format!("expected a string, found the boolean {b}"),
+                    format!("quote it: {key} = \"{b}\""),
+                ));
+                None
+            }
             Raw::Other(t) => {
                 self.problems.push(Problem::new(
                     key,
@@ -737,6 +805,14 @@ impl Validator {
                 ));
                 return default;
             }
+            (Raw::Bool(b), _) => {
+                self.problems.push(Problem::new(
+                    key,
+                    format!("expected a number, found the boolean {b}"),
+                    format!("write it as {key} = {default}"),
+                ));
+                return default;
+            }
             (Raw::Other(t), _) => {
                 self.problems.push(Problem::new(
                     key,
@@ -752,6 +828,7 @@ impl Validator {
                 let shown = match &s.raw {
                     Raw::Int(i) => i.to_string(),
                     Raw::Str(v) => format!("{v:?}"),
+                    Raw::Bool(b) => b.to_string(),
                     Raw::Other(t) => (*t).to_owned(),
                 };
                 self.problems.push(Problem::new(
@@ -762,6 +839,39 @@ impl Validator {
                 default
             }
         }
+    }
+
+    /// A true/false setting, or `default`. The file takes TOML booleans; env and flags take
+    /// `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`.
+    fn boolean(&mut self, key: &str, default: bool) -> bool {
+        let Some(s) = self.layer.take(key) else {
+            return default;
+        };
+        let parsed = match (&s.raw, &s.source) {
+            (Raw::Bool(b), _) => Some(*b),
+            (Raw::Str(v), Source::Env(_) | Source::Flag(_)) => {
+                match v.trim().to_ascii_lowercase().as_str() {
+                    "true" | "1" | "yes" | "on" => Some(true),
+                    "false" | "0" | "no" | "off" => Some(false),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        parsed.unwrap_or_else(|| {
+            let shown = match &s.raw {
+                Raw::Str(v) => format!("{v:?}"),
+                Raw::Int(i) => i.to_string(),
+                Raw::Bool(b) => b.to_string(),
+                Raw::Other(t) => (*t).to_owned(),
+            };
+            self.problems.push(Problem::new(
+                key,
+                format!("{shown}{} is not true or false", from_note(&s.source)),
+                format!("write it as {key} = {default} (no quotes; env: true or false)"),
+            ));
+            default
+        })
     }
 
     fn missing(&mut self, key: &str, env: &str, flag: &str, example: &str) {
@@ -1005,6 +1115,8 @@ fn validate(layer: Layer) -> (Option<DaemonConfig>, Vec<Problem>, Vec<Problem>) 
     };
 
     let process = process::validate_process(&mut v, &roots, data_dir.as_deref());
+    let config_push = config_push::validate_config_push(&mut v);
+    let git = git::validate_git(&mut v, &process);
 
     let format = match v.string("log.format") {
         None => LogFormat::Text,
@@ -1061,6 +1173,8 @@ fn validate(layer: Layer) -> (Option<DaemonConfig>, Vec<Problem>, Vec<Problem>) 
             log: LogConfig { format, level },
             exposed_ports,
             process,
+            config_push,
+            git,
         }),
         _ => None,
     };

@@ -170,6 +170,20 @@ pub enum SettingsError {
     BadApplyPath { path: String, why: String },
 }
 
+/// One entry of [`ApplySettings::allowed_apply_paths`]: a path relative to the root naming a
+/// `.json` file (checked when the daemon config is loaded, and again by [`ConfigApplier::new`]).
+pub fn parse_allowed_apply_path(path: &str) -> Result<RelPath, SettingsError> {
+    let bad = |why: String| SettingsError::BadApplyPath {
+        path: path.to_owned(),
+        why,
+    };
+    let rel = RelPath::parse(path).map_err(|e| bad(e.to_string()))?;
+    if rel.is_root() || !path.ends_with(".json") {
+        return Err(bad("it must name a .json file".to_owned()));
+    }
+    Ok(rel)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Errors of the file operations
 // ---------------------------------------------------------------------------------------------
@@ -466,15 +480,7 @@ impl ConfigApplier {
             settings.allowed_apply_paths
         };
         for p in paths {
-            let bad = |why: String| SettingsError::BadApplyPath {
-                path: p.clone(),
-                why,
-            };
-            let rel = RelPath::parse(&p).map_err(|e| bad(e.to_string()))?;
-            if rel.is_root() || !p.ends_with(".json") {
-                return Err(bad("it must name a .json file".to_owned()));
-            }
-            allowed.push(rel);
+            allowed.push(parse_allowed_apply_path(&p)?);
         }
         Ok(ConfigApplier {
             root,

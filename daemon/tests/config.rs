@@ -524,3 +524,123 @@ fn run_opens_everything_dials_and_stops_on_sigterm() {
     assert!(stderr.contains("stopped"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "{stderr}");
 }
+
+#[test]
+fn config_push_and_git_sections() {
+    use codemantle_protocol::message::PolicyMode;
+    let s = Setup::new();
+    let text = format!(
+        "{}\n[config_push]\nallowed_apply_paths = [\".opencode/opencode.json\", \"app/opencode.json\"]\n\
+         require_signature = true\npolicy_floor = \"read-only\"\nrestricted_tools = [\"read\", \"grep\"]\n\
+         [git]\ntimeout_s = 60\nallow_ssh = false\n",
+        s.good_toml()
+    );
+    let path = s.write_config(&text);
+    let loaded = config::load(&path, true, no_env(), Layer::default()).unwrap();
+    let c = loaded.config;
+    assert_eq!(
+        c.config_push.allowed_apply_paths,
+        [".opencode/opencode.json", "app/opencode.json"]
+    );
+    assert!(c.config_push.require_signature);
+    assert_eq!(c.config_push.policy_floor, PolicyMode::ReadOnly);
+    assert_eq!(c.config_push.restricted_tools, ["read", "grep"]);
+    assert_eq!(
+        (c.git.timeout_s, c.git.allow_http, c.git.allow_ssh),
+        (60, true, false)
+    );
+    // git.* without git on the allowlist cannot take effect: the operator is told.
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.key.contains("git.timeout_s") && w.fix.contains("[process.allowlist]")),
+        "{:?}",
+        loaded.warnings
+    );
+
+    // Env overrides, booleans as text.
+    let loaded = config::load(
+        &path,
+        true,
+        env(&[
+            ("CODEMANTLE_CONFIG_PUSH_REQUIRE_SIGNATURE", "false"),
+            ("CODEMANTLE_GIT_ALLOW_HTTP", "no"),
+            ("CODEMANTLE_CONFIG_PUSH_POLICY_FLOOR", "restricted"),
+        ]),
+        Layer::default(),
+    )
+    .unwrap();
+    assert!(!loaded.config.config_push.require_signature);
+    assert!(!loaded.config.git.allow_http);
+    assert_eq!(
+        loaded.config.config_push.policy_floor,
+        PolicyMode::Restricted
+    );
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.key == "config_push.require_signature"),
+        "unsigned pushes accepted is a warning: {:?}",
+        loaded.warnings
+    );
+}
+
+#[test]
+fn config_push_and_git_defaults() {
+    let s = Setup::new();
+    let path = s.write_config(&s.good_toml());
+    let c = config::load(&path, true, no_env(), Layer::default())
+        .unwrap()
+        .config;
+    assert_eq!(
+        c.config_push,
+        codemantle_daemon::config_apply::ApplySettings::default()
+    );
+    assert_eq!(c.git, config::GitSettings::default());
+    assert!(
+        c.config_push.require_signature,
+        "signatures are required by default"
+    );
+}
+
+#[test]
+fn bad_config_push_and_git_settings_are_each_named() {
+    let s = Setup::new();
+    let text = format!(
+        "{}\n[config_push]\nallowed_apply_paths = [\"../etc/x.json\", \"notes.txt\"]\n\
+         require_signature = \"yes\"\npolicy_floor = \"strict\"\nrestricted_keys = [\"has space\"]\n\
+         bogus = 1\n[git]\ntimeout_s = 0\nallow_ssh = 1\n",
+        s.good_toml()
+    );
+    let path = s.write_config(&text);
+    let ps = problems(config::load(&path, true, no_env(), Layer::default()));
+    let paths: Vec<&Problem> = ps
+        .iter()
+        .filter(|p| p.key == "config_push.allowed_apply_paths")
+        .collect();
+    assert_eq!(paths.len(), 2, "{ps:#?}");
+    assert!(
+        find(&ps, "config_push.require_signature")
+            .what
+            .contains("not true or false")
+    );
+    assert!(
+        find(&ps, "config_push.policy_floor")
+            .fix
+            .contains("read-only")
+    );
+    find(&ps, "config_push.restricted_keys");
+    assert!(
+        find(&ps, "config_push.bogus")
+            .fix
+            .contains("config_push.require_signature")
+    );
+    find(&ps, "git.timeout_s");
+    assert!(
+        find(&ps, "git.allow_ssh")
+            .what
+            .contains("not true or false")
+    );
+}
