@@ -292,6 +292,8 @@ pub const SESSION_URL: TextLimit = TextLimit::new(1, 1024);
 pub const STATUS_URL: TextLimit = TextLimit::new(1, 512);
 /// `sv.d`: OpenCode process id.
 pub const PID: (u64, u64) = (1, (1 << 31) - 1);
+/// `sv.pt`: the OpenCode process's sandbox, as the process guard reports it (`landlock-v6:fs+net+scope`).
+pub const PROTECTION_REPORT: TextLimit = TextLimit::new(1, 64);
 /// `sl.l`: most snapshot lines a replay may ask for.
 pub const REPLAY_LINES: (u64, u64) = (1, 200);
 /// `sc.d`: one stream chunk, at most 8192 characters (`MAX_STREAM_CHUNK_BYTES`).

@@ -514,6 +514,9 @@ wire_object! {
         pub url: Option<String> = "u" => Opt(Text(limits::STATUS_URL)),
         /// `m`: reason (`not_running`, `daemon_not_ready`, …).
         pub reason: Option<String> = "m" => Opt(Text(limits::SESSION_REASON)),
+        /// `pt`: how the OpenCode process is confined, as the daemon's process guard reported
+        /// it at spawn (`landlock-v6:fs+net+scope`, `landlock-v3:fs`, `none`). Native only.
+        pub protection: Option<String> = "pt" => Opt(Text(limits::PROTECTION_REPORT)); native,
     }
 }
 

@@ -497,9 +497,10 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
                 opt((1u32..=i32::MAX as u32).boxed()),
                 opt(text(1, 512)),
                 opt(text(1, 96)),
+                opt(text(1, 64)),
             )
                 .prop_map(
-                    |(request_id, running, session_id, port, pid, url, reason)| {
+                    |(request_id, running, session_id, port, pid, url, reason, protection)| {
                         Message::SessionStatus(SessionStatus {
                             request_id,
                             running,
@@ -508,6 +509,7 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
                             pid,
                             url,
                             reason,
+                            protection,
                         })
                     },
                 )

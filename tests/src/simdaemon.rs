@@ -797,6 +797,7 @@ fn answer(config: &SimConfig, shared: &Shared, msg: Message) -> Vec<Message> {
                     .map(|s| format!("http://127.0.0.1:4096/{folder}/session/{s}")),
                 reason: session.is_none().then(|| "not_running".to_owned()),
                 session_id: session,
+                protection: None,
             })
         }
         Message::StartSession(s) => {
