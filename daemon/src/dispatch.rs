@@ -6,8 +6,25 @@
 //! file-system work goes through the guards on the blocking pool (`smol::unblock`).
 //!
 //! **Where handlers are registered**: the single `match` in [`Dispatcher::handle`]. To add a
-//! handler (sessions, git, ...), move its message from the "not supported yet" arm to an arm of
+//! handler (sessions, ...), move its message from the "not supported yet" arm to an arm of
 //! its own; if it changes the host, wrap it in [`Dispatcher::once`] like `md`/`rd`/`rn`.
+//! Optional parts (git, config pushes) are given with `with_*` after [`Dispatcher::new`], so a
+//! host that does not enable them says so in its replies instead of failing on start.
+//!
+//! # Git and config pushes
+//!
+//! Every `g*` request goes to the [`GitRunner`] (present only when `git` is on
+//! `[process.allowlist]`); without one the typed reply says `o:0` with "git is not enabled on
+//! this host: add git to [process.allowlist]" (`gt` carries it in `e`, the others in `m`:
+//! fields 0.1.x control planes know). Requests that change the repository (`gi gk ga gp gh gm
+//! gx`, `gc` create/delete, `gf` set) go through the idempotency path below; `gs`, `gc` list
+//! and `gf` get do not. While git runs, its `gq` lines are queued on the link ([`Outbound`])
+//! without waiting, ahead of the reply.
+//!
+//! `cc` goes to the [`ConfigApplier`] for the `cwd` root (on the blocking pool: it writes
+//! files), through the idempotency path; its `cv` reply says applied or rejected with every
+//! violation. Session-init payloads stay in the applier's
+//! [`crate::config_apply::SessionInitStore`] until their session starts.
 //!
 //! # Replies and the two codecs
 //!
@@ -53,12 +70,20 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use codemantle_protocol::codec::{self, Codec};
 use codemantle_protocol::error::ErrorCode;
-use codemantle_protocol::message::{DirEntry, DirList, DirListing, FsResult, Message};
+use codemantle_protocol::message::{
+    BranchAction, DirEntry, DirList, DirListing, FsResult, GitBranchResult, GitCommitResult,
+    GitConfigAction, GitConfigResult, GitLog, GitResult, GitStatusResult, Message,
+};
 
+use crate::config_apply::ConfigApplier;
 use crate::fs;
-use crate::guard::path::{GuardError, Roots};
+use crate::git::{GitError, GitRunner};
+use crate::guard::path::{GuardError, RootDir, Roots};
 use crate::journal::{Journal, JournalError};
 use crate::redact::redact_text;
+
+/// What a git request is answered with when git is not enabled (native and 0.1.x alike).
+pub const GIT_NOT_ENABLED: &str = "git is not enabled on this host: add git to [process.allowlist]";
 
 /// Longest `m` on an `e` frame (the wire limit, 1..=256 characters; bytes are never fewer).
 const MAX_ERROR_TEXT_BYTES: usize = 256;
@@ -70,13 +95,55 @@ pub struct Peer {
     pub codec: Codec,
     /// The session id the control plane gave in `h2`.
     pub sid: String,
+    /// Where a handler queues frames it sends before its reply (`gq` lines); `None` when
+    /// nothing listens (tests), and the frames are dropped.
+    pub outbound: Option<Outbound>,
 }
+
+/// Frames a handler sends on the link while it runs, ahead of its reply. Sending never waits:
+/// the link task writes queued frames in order (they are shaped for the peer's codec there,
+/// like replies). A frame queued after the link ended is dropped.
+#[derive(Clone)]
+pub struct Outbound(async_channel::Sender<Message>);
+
+impl Outbound {
+    /// Frames go into `tx`, the channel the link task also takes replies from.
+    pub fn new(tx: async_channel::Sender<Message>) -> Outbound {
+        Outbound(tx)
+    }
+
+    /// Queue `msg` without waiting; `false` if the link is gone (the frame is dropped).
+    pub fn send(&self, msg: Message) -> bool {
+        self.0.try_send(msg).is_ok()
+    }
+}
+
+impl std::fmt::Debug for Outbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbound")
+            .field("queued", &self.0.len())
+            .finish()
+    }
+}
+
+/// Two handles are equal when they feed the same link.
+impl PartialEq for Outbound {
+    fn eq(&self, other: &Outbound) -> bool {
+        self.0.same_channel(&other.0)
+    }
+}
+
+impl Eq for Outbound {}
 
 /// Routes requests to handlers; see the module doc. Cheap to share (`Arc`).
 pub struct Dispatcher {
     roots: Arc<Roots>,
     journal: Arc<Journal>,
     in_flight: KeyedLocks,
+    /// Present when `git` is on the process allowlist.
+    git: Option<Arc<GitRunner>>,
+    /// Config pushes for the `cwd` root; `None` only in tests that do not need it.
+    config: Option<Arc<ConfigApplier>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -84,6 +151,8 @@ impl std::fmt::Debug for Dispatcher {
         f.debug_struct("Dispatcher")
             .field("roots", &self.roots)
             .field("journal", &self.journal)
+            .field("git", &self.git)
+            .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
@@ -96,12 +165,34 @@ struct Meta {
 }
 
 impl Dispatcher {
+    /// A dispatcher for file requests; add the optional parts with the `with_*` methods.
     pub fn new(roots: Arc<Roots>, journal: Arc<Journal>) -> Dispatcher {
         Dispatcher {
             roots,
             journal,
             in_flight: KeyedLocks::default(),
+            git: None,
+            config: None,
         }
+    }
+
+    /// Git requests run through `runner`. Without it they are answered `o:0` with
+    /// [`GIT_NOT_ENABLED`].
+    pub fn with_git(mut self, runner: Arc<GitRunner>) -> Dispatcher {
+        self.git = Some(runner);
+        self
+    }
+
+    /// Config pushes (`cc`) are checked and applied by `applier`. Without it `cc` is
+    /// answered `e INTERNAL` (`not_supported: cc`).
+    pub fn with_config_applier(mut self, applier: Arc<ConfigApplier>) -> Dispatcher {
+        self.config = Some(applier);
+        self
+    }
+
+    /// The config applier, whose session-init store a session start takes its payload from.
+    pub fn config_applier(&self) -> Option<&Arc<ConfigApplier>> {
+        self.config.as_ref()
     }
 
     /// The journal (for flushing at shutdown).
@@ -151,6 +242,144 @@ impl Dispatcher {
                 .await
             }
 
+            // -- Config pushes, through the config applier -----------------------------------
+            Message::ConfigPush(push) => match &self.config {
+                Some(applier) => {
+                    let applier = Arc::clone(applier);
+                    self.once(&meta, peer, || async move {
+                        let result = smol::unblock(move || applier.apply(&push, now_ms())).await;
+                        Message::ConfigResult(result)
+                    })
+                    .await
+                }
+                None => Message::error(
+                    ErrorCode::Internal,
+                    meta.request_id,
+                    Some("not_supported: cc"),
+                ),
+            },
+
+            // -- Git, through the git runner (and so the process guard) ----------------------
+            Message::GitStatus(req) => match self.git_for(&meta.t, req.request_id, &req.root) {
+                Err(reply) => *reply,
+                Ok((git, root)) => {
+                    let log = git_log_sink(peer);
+                    let done = git.status(root, &req, &log).await;
+                    git_reply(&meta.t, req.request_id, done.map(Message::GitStatusResult))
+                }
+            },
+            Message::GitInit(req) => match self.git_for(&meta.t, req.request_id, &req.root) {
+                Err(reply) => *reply,
+                Ok((git, root)) => {
+                    self.once(&meta, peer, || async {
+                        let log = git_log_sink(peer);
+                        let done = git.init(root, &req, &log).await;
+                        git_reply(&meta.t, req.request_id, done.map(Message::GitInitResult))
+                    })
+                    .await
+                }
+            },
+            Message::GitClone(req) => match self.git_for(&meta.t, req.request_id, &req.root) {
+                Err(reply) => *reply,
+                Ok((git, root)) => {
+                    self.once(&meta, peer, || async {
+                        let log = git_log_sink(peer);
+                        let done = git.clone_repo(root, &req, &log).await;
+                        git_reply(&meta.t, req.request_id, done.map(Message::GitCloneResult))
+                    })
+                    .await
+                }
+            },
+            Message::GitAdd(req) => match self.git_for(&meta.t, req.request_id, &req.root) {
+                Err(reply) => *reply,
+                Ok((git, root)) => {
+                    self.once(&meta, peer, || async {
+                        let log = git_log_sink(peer);
+                        let done = git.add(root, &req, &log).await;
+                        git_reply(&meta.t, req.request_id, done.map(Message::GitAddResult))
+                    })
+                    .await
+                }
+            },
+            Message::GitCommit(req) => match self.git_for(&meta.t, req.request_id, &req.root) {
+                Err(reply) => *reply,
+                Ok((git, root)) => {
+                    self.once(&meta, peer, || async {
+                        let log = git_log_sink(peer);
+                        let done = git.commit(root, &req, &log).await;
+                        git_reply(&meta.t, req.request_id, done.map(Message::GitCommitResult))
+                    })
+                    .await
+                }
+            },
+            Message::GitPush(req) => match self.git_for(&meta.t, req.request_id, &req.root) {
+                Err(reply) => *reply,
+                Ok((git, root)) => {
+                    self.once(&meta, peer, || async {
+                        let log = git_log_sink(peer);
+                        let done = git.push(root, &req, &log).await;
+                        git_reply(&meta.t, req.request_id, done.map(Message::GitPushResult))
+                    })
+                    .await
+                }
+            },
+            Message::GitPull(req) => match self.git_for(&meta.t, req.request_id, &req.root) {
+                Err(reply) => *reply,
+                Ok((git, root)) => {
+                    self.once(&meta, peer, || async {
+                        let log = git_log_sink(peer);
+                        let done = git.pull(root, &req, &log).await;
+                        git_reply(&meta.t, req.request_id, done.map(Message::GitPullResult))
+                    })
+                    .await
+                }
+            },
+            Message::GitBranch(req) => match self.git_for(&meta.t, req.request_id, &req.root) {
+                Err(reply) => *reply,
+                Ok((git, root)) => {
+                    let run = || async {
+                        let log = git_log_sink(peer);
+                        let done = git.branch(root, &req, &log).await;
+                        git_reply(&meta.t, req.request_id, done.map(Message::GitBranchResult))
+                    };
+                    match req.action.unwrap_or(BranchAction::List) {
+                        BranchAction::List => run().await,
+                        BranchAction::Create | BranchAction::Delete => {
+                            self.once(&meta, peer, run).await
+                        }
+                    }
+                }
+            },
+            Message::GitCheckout(req) => match self.git_for(&meta.t, req.request_id, &req.root) {
+                Err(reply) => *reply,
+                Ok((git, root)) => {
+                    self.once(&meta, peer, || async {
+                        let log = git_log_sink(peer);
+                        let done = git.checkout(root, &req, &log).await;
+                        git_reply(
+                            &meta.t,
+                            req.request_id,
+                            done.map(Message::GitCheckoutResult),
+                        )
+                    })
+                    .await
+                }
+            },
+            Message::GitConfig(req) => match self.git_for(&meta.t, req.request_id, &req.root) {
+                Err(reply) => *reply,
+                Ok((git, root)) => {
+                    let run = || async {
+                        let log = git_log_sink(peer);
+                        let done = git.config(root, &req, &log).await;
+                        git_reply(&meta.t, req.request_id, done.map(Message::GitConfigResult))
+                    };
+                    match req.action {
+                        GitConfigAction::Get => run().await,
+                        GitConfigAction::Set => self.once(&meta, peer, run).await,
+                    }
+                }
+            },
+
             // -- Known requests this daemon does not carry out yet ---------------------------
             Message::StartSession(_)
             | Message::StopSession(_)
@@ -160,18 +389,7 @@ impl Dispatcher {
             | Message::ProxyRequest(_)
             | Message::SetupStatusQuery(_)
             | Message::SetupSave(_)
-            | Message::ConfigPush(_)
-            | Message::JitKill(_)
-            | Message::GitStatus(_)
-            | Message::GitInit(_)
-            | Message::GitClone(_)
-            | Message::GitAdd(_)
-            | Message::GitCommit(_)
-            | Message::GitPush(_)
-            | Message::GitPull(_)
-            | Message::GitBranch(_)
-            | Message::GitCheckout(_)
-            | Message::GitConfig(_) => Message::error(
+            | Message::JitKill(_) => Message::error(
                 ErrorCode::Internal,
                 meta.request_id,
                 Some(&format!("not_supported: {}", meta.t)),
@@ -230,6 +448,25 @@ impl Dispatcher {
                 })
             }
             Err(e) => guard_error("dr", id, &e),
+        }
+    }
+
+    /// The git runner and the root `alias` names, or the reply that ends the request: `o:0`
+    /// with [`GIT_NOT_ENABLED`] when git is off, `e ROOT` for an unknown root. Checked before
+    /// the idempotency path, so a refusal is not recorded as the request's outcome.
+    fn git_for(
+        &self,
+        t: &str,
+        id: u32,
+        alias: &str,
+    ) -> Result<(&GitRunner, &RootDir), Box<Message>> {
+        let Some(git) = &self.git else {
+            tracing::debug!(t, i = id, "git request refused: git is not allowlisted");
+            return Err(Box::new(git_disabled_reply(t, id)));
+        };
+        match self.roots.get(alias) {
+            Ok(root) => Ok((git, root)),
+            Err(e) => Err(Box::new(guard_error(t, id, &e))),
         }
     }
 
@@ -399,6 +636,77 @@ pub fn shape_reply(msg: Message, codec: Codec) -> Message {
     }
 }
 
+/// The `gq` sink of a git request: each line is queued on the link without waiting (the git
+/// runner calls it from the request's task, which must not block).
+fn git_log_sink(peer: &Peer) -> impl Fn(GitLog) + Send + Sync + 'static {
+    let outbound = peer.outbound.clone();
+    move |line: GitLog| {
+        if let Some(out) = &outbound {
+            out.send(Message::GitLog(line));
+        }
+    }
+}
+
+/// The typed git reply, or an `e` frame when `p` failed the path guard.
+fn git_reply(t: &str, id: u32, done: Result<Message, GitError>) -> Message {
+    match done {
+        Ok(reply) => reply,
+        Err(GitError::Path(e)) => guard_error(t, id, &e),
+    }
+}
+
+/// `o:0` with [`GIT_NOT_ENABLED`] in the reply type of git request `t` (`gt` has no `m`, so
+/// the text goes in `e` there).
+fn git_disabled_reply(t: &str, id: u32) -> Message {
+    let text = Some(GIT_NOT_ENABLED.to_owned());
+    let plain = GitResult {
+        request_id: id,
+        ok: false,
+        message: text.clone(),
+    };
+    match t {
+        "gs" => Message::GitStatusResult(GitStatusResult {
+            request_id: id,
+            ok: false,
+            branch: None,
+            added: None,
+            modified: None,
+            untracked: None,
+            deleted: None,
+            conflict: None,
+            error: text,
+        }),
+        "gp" => Message::GitCommitResult(GitCommitResult {
+            request_id: id,
+            ok: false,
+            hash: None,
+            message: text,
+        }),
+        "gc" => Message::GitBranchResult(GitBranchResult {
+            request_id: id,
+            ok: false,
+            branches: None,
+            current: None,
+            message: text,
+        }),
+        "gf" => Message::GitConfigResult(GitConfigResult {
+            request_id: id,
+            ok: false,
+            name: None,
+            email: None,
+            helper: None,
+            auth_ready: None,
+            message: text,
+        }),
+        "gi" => Message::GitInitResult(plain),
+        "gk" => Message::GitCloneResult(plain),
+        "ga" => Message::GitAddResult(plain),
+        "gh" => Message::GitPushResult(plain),
+        "gm" => Message::GitPullResult(plain),
+        _ => Message::GitCheckoutResult(plain),
+    }
+}
+
 /// An `e` frame for a guard failure: its wire code, and natively the reason (redacted, cut to
 /// the wire limit).
 fn guard_error(t: &str, id: u32, e: &GuardError) -> Message {
@@ -445,6 +753,13 @@ pub fn now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it): the `at` of replies.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// One async lock per key, held while a request with that key runs; entries are removed when
@@ -506,6 +821,7 @@ mod tests {
         let peer = Peer {
             codec: Codec::Cbor,
             sid: "SidSidSidSid".to_owned(),
+            outbound: None,
         };
         assert_eq!(
             request_key(&meta("md", Some(5), None), &peer).as_deref(),

@@ -1,5 +1,6 @@
 //! `codemantle-daemon`: load and check the configuration, set up logging, open the host-side
-//! pieces (roots, journal, device key), then run the tunnel until SIGTERM/SIGINT.
+//! pieces (roots, journal, device key, config applier, and the process guard and git when
+//! programs are allowlisted), then run the tunnel until SIGTERM/SIGINT.
 //!
 //! systemd (`Type=notify`): `READY=1` once the configuration, key, roots and journal are open
 //! (before the first dial: an unreachable control plane is not a failed start, the daemon keeps
@@ -22,8 +23,11 @@ use std::time::Instant;
 
 use clap::Parser;
 use codemantle_daemon::config::{self, DaemonConfig, Layer, LogFormat, Source};
-use codemantle_daemon::dispatch::Dispatcher;
-use codemantle_daemon::guard::path::Roots;
+use codemantle_daemon::config_apply::{ConfigApplier, SessionInitStore};
+use codemantle_daemon::dispatch::{Dispatcher, GIT_NOT_ENABLED};
+use codemantle_daemon::git::{GIT_PROGRAM, GitRunner};
+use codemantle_daemon::guard::path::{RootDir, Roots};
+use codemantle_daemon::guard::process::{ProcessGuard, level_offered};
 use codemantle_daemon::journal::Journal;
 use codemantle_daemon::tunnel::{self, Tunnel, TunnelEvent};
 use codemantle_protocol::codec::Codec;
@@ -191,7 +195,24 @@ fn start(config: DaemonConfig, started: Instant) -> anyhow::Result<ExitCode> {
         &config.data_dir,
         config.idempotency.retention_s,
     )?);
-    let dispatcher = Arc::new(Dispatcher::new(Arc::new(roots), Arc::clone(&journal)));
+    let mut dispatcher = Dispatcher::new(Arc::new(roots), Arc::clone(&journal))
+        .with_config_applier(Arc::new(config_applier(&config, &key, &journal)?));
+    match process_guard(&config)? {
+        Some(guard) if guard.programs().any(|p| p == GIT_PROGRAM) => {
+            let runner = GitRunner::new(guard)
+                .with_timeout(config.git.timeout())
+                .with_url_policy(config.git.url_policy());
+            tracing::info!(
+                timeout_s = config.git.timeout_s,
+                allow_http = config.git.allow_http,
+                allow_ssh = config.git.allow_ssh,
+                "git enabled"
+            );
+            dispatcher = dispatcher.with_git(Arc::new(runner));
+        }
+        _ => tracing::info!("git is off: git requests are answered \"{GIT_NOT_ENABLED}\""),
+    }
+    let dispatcher = Arc::new(dispatcher);
 
     let config = Arc::new(config);
     let notifier = Arc::new(Notifier::from_env());
@@ -246,6 +267,58 @@ fn start(config: DaemonConfig, started: Instant) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The process guard, when `[process.allowlist]` names any program (nothing can be started
+/// otherwise, so there is nothing to guard). Logs what sandbox this kernel offers, and warns
+/// when that is below `process.min_protection`: every spawn would then be refused.
+fn process_guard(config: &DaemonConfig) -> anyhow::Result<Option<Arc<ProcessGuard>>> {
+    if config.process.allowlist.is_empty() {
+        tracing::info!("no programs allowlisted ([process.allowlist] is empty)");
+        return Ok(None);
+    }
+    let guard = ProcessGuard::new(&config.process)?;
+    let support = guard.landlock_support();
+    let offered = level_offered(support);
+    let (user, dropped) = guard.user();
+    tracing::info!(
+        programs = ?guard.programs().collect::<Vec<_>>(),
+        user = %user,
+        drops_privileges = dropped,
+        landlock = ?support,
+        level_offered = %offered,
+        min_protection = %config.process.min_protection,
+        "process guard ready"
+    );
+    if offered < config.process.min_protection {
+        tracing::warn!(
+            "this kernel offers `{offered}` sandboxing but process.min_protection is `{}`, so every program start will be refused: {} (or lower process.min_protection knowingly)",
+            config.process.min_protection,
+            support.explain()
+        );
+    }
+    Ok(Some(Arc::new(guard)))
+}
+
+/// The config applier for the `cwd` root: signatures checked with the device key,
+/// `[config_push]` settings, session-init payloads kept in the journal (a restart between
+/// `cc` and the session start loses nothing).
+fn config_applier(
+    config: &DaemonConfig,
+    key: &codemantle_daemon::redact::Secret,
+    journal: &Journal,
+) -> anyhow::Result<ConfigApplier> {
+    let cwd = config
+        .roots
+        .get("cwd")
+        .ok_or_else(|| anyhow::anyhow!("roots.cwd is not configured"))?;
+    let root = RootDir::open("cwd", cwd)?;
+    let secret = codemantle_protocol::handshake::Secret::new(key.expose().as_bytes());
+    let store = SessionInitStore::with_tree(journal.tree("session_init")?)?;
+    Ok(
+        ConfigApplier::new(root, &secret, config.config_push.clone())?
+            .with_session_init_store(store),
+    )
 }
 
 /// The systemd `STATUS=` line for a tunnel event (`None`: no change worth showing).

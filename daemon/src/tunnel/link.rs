@@ -31,7 +31,7 @@ use futures_lite::io::{AsyncRead, AsyncWrite};
 use futures_lite::{FutureExt as _, StreamExt as _};
 
 use super::{Shutdown, Tunnel, TunnelEvent, tls};
-use crate::dispatch::{Peer, shape_reply};
+use crate::dispatch::{Outbound, Peer, shape_reply};
 
 /// Requests handled at once per link; more wait (the loop stops reading until one finishes).
 pub const MAX_IN_FLIGHT: usize = 64;
@@ -303,11 +303,14 @@ impl Tunnel {
         };
         let hb = Duration::from_secs(session.heartbeat_secs);
         let dead_after = hb * 3;
+        let (reply_tx, reply_rx) = async_channel::unbounded::<Message>();
+        // Handlers queue frames they send while running (git's `gq` lines) on the reply
+        // channel too, so they go out in order and before the reply.
         let peer = Peer {
             codec,
             sid: session.sid,
+            outbound: Some(Outbound::new(reply_tx.clone())),
         };
-        let (reply_tx, reply_rx) = async_channel::unbounded::<Message>();
         let permits = Arc::new(smol::lock::Semaphore::new(MAX_IN_FLIGHT));
 
         // Telemetry right away, and the announced ports if there are any.
