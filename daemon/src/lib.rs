@@ -11,13 +11,15 @@
 //! Map:
 //! - [`config`]: `DaemonConfig` from TOML, `CODEMANTLE_*` env and flags; permission checks.
 //! - [`guard::path`]: roots as open directory fds; every path resolved beneath them by the kernel.
+//! - [`guard::process`]: allowlisted programs in a landlock sandbox as an unprivileged user.
 //! - [`config_apply`]: config pushes (`cc`): digest, device-key signature, policy modes, apply
 //!   path allowlist, atomic write with `.prev` rollback; session-init payloads kept per folder.
-//! - [`guard::process`]: allowlisted programs in a landlock sandbox as an unprivileged user.
 //! - [`fs`]: list (sorted, paged), mkdir, rmdir (recursive by fd), rename (no-overwrite default).
 //! - [`journal`]: sled-backed offline state; idempotency outcomes that survive restarts.
 //! - [`backoff`]: sans-io reconnect delays with full jitter and an auth-rejected mode.
 //! - [`redact`]: secret-name patterns and redaction for logs and `Debug`.
+//! - [`session`]: OpenCode sessions through the process guard; their output durably streamed
+//!   (`sc` persisted before sending, acknowledged by `sa`, re-sent after a reconnect).
 //! - [`tunnel`]: the outbound WebSocket: TLS trust, h1/h2, CBOR-first with JSON fallback,
 //!   heartbeat and liveness, reconnect.
 //! - [`dispatch`]: request → handler (the one registration `match`), idempotent mutations.
@@ -31,4 +33,5 @@ pub mod git;
 pub mod guard;
 pub mod journal;
 pub mod redact;
+pub mod session;
 pub mod tunnel;

@@ -4,7 +4,10 @@
 //! - [`bins`]: where the real binaries are.
 //! - [`harness`]: the real control plane and daemon binaries as processes on loopback.
 //! - [`simdaemon`]: a simulated daemon (real handshake, in-memory file tree, fault injection).
+//! - [`fake_opencode`]: a fake `opencode serve` (health, sessions, scripted prompts, SSE
+//!   events, Basic auth) that any test executable can become.
 
 pub mod bins;
+pub mod fake_opencode;
 pub mod harness;
 pub mod simdaemon;

@@ -1,0 +1,818 @@
+//! Durable session output: every chunk is in sled before it is sent, and stays there until the
+//! control plane acknowledges it.
+//!
+//! # Why
+//!
+//! 0.1.50 sent its few `sc` chunks back to back and ignored `sa`: a link that dropped mid-stream
+//! lost output silently. Here the link is allowed to drop (and the daemon to restart) at any
+//! moment without losing or reordering a byte of what OpenCode produced:
+//!
+//! - **Persist, then send.** [`StreamJournal::append_event`] writes the chunk to sled; the link
+//!   pulls frames with [`StreamJournal::next_frame`], which makes sure the chunk is on disk
+//!   (one fsync covers every chunk written so far, so a fast stream costs few of them) before
+//!   handing it over.
+//! - **Acks delete.** `sa {x, q}` acknowledges chunk `q` of stream `x` *and every earlier one*
+//!   (cumulative: the link is one ordered WebSocket, so the control plane has them all); they
+//!   are deleted.
+//! - **Reconnect re-sends.** [`StreamJournal::link_up`] (called by the link right after each
+//!   handshake) queues every unacknowledged chunk again, in the order it was written. The
+//!   control plane may therefore see a chunk twice; `(x, q)` identifies it.
+//! - **A cap, never a silent gap.** A control plane that stops acknowledging must not fill the
+//!   disk. Each session's unacknowledged output is capped ([`StreamLimits`]); when an event does
+//!   not fit, the stream gets a `codemantle.output.truncated` marker and further events are
+//!   dropped (and counted) until acks make room; the next event that fits, or the end of the
+//!   stream, is preceded by a `codemantle.output.resumed` marker saying how many events and
+//!   bytes were dropped. Markers and a stream's last chunk are always written, so a reader
+//!   always learns about the gap and always sees the end (`e: 1`).
+//!
+//! # Stream text
+//!
+//! A stream's text (the `d` of its chunks, concatenated) is newline-delimited JSON: one
+//! OpenCode event per line (`{"type":…,"properties":…}` as OpenCode sends it on `/event`),
+//! plus CodeMantle's own `codemantle.*` records. An event longer than one chunk (8192 UTF-8
+//! bytes, within the 8192-character wire limit) is split across consecutive chunks, never
+//! inside a UTF-8 character; the cap admits or drops whole events.
+//!
+//! # Layout in sled
+//!
+//! - `stream_chunks`: `x ‖ 0x00 ‖ q (u32 BE)` → `order (u64 BE) ‖ last (u8) ‖ len(session)
+//!   (u8) ‖ session ‖ text`. `order` is a daemon-wide counter: re-sends go in write order.
+//! - `streams`: `x` → JSON [`StreamRecord`] (owning session, next `q`, closed, drop counters).
+//!   Stream records are kept after the stream ends: a re-sent `sp` with the same `x` is
+//!   recognised and not prompted again.
+//!
+//! Chunk and record are written in one sled transaction, so a crash never leaves a `q` that
+//! the next chunk would reuse.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+
+use codemantle_protocol::message::{Message, StreamChunk};
+use serde::{Deserialize, Serialize};
+use sled::Transactional as _;
+use sled::transaction::ConflictableTransactionError;
+
+use crate::journal::{Journal, JournalError};
+
+/// Most UTF-8 bytes of text in one `sc` (0.1.50's `MAX_STREAM_CHUNK_BYTES`; the wire limit is
+/// 8192 characters, and a character is at least one byte).
+pub const MAX_CHUNK_BYTES: usize = 8192;
+
+const TREE_CHUNKS: &str = "stream_chunks";
+const TREE_STREAMS: &str = "streams";
+
+/// The per-session cap on unacknowledged output (`[session] journal_max_bytes`,
+/// `journal_max_chunks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamLimits {
+    pub max_unacked_bytes: u64,
+    pub max_unacked_chunks: u64,
+}
+
+impl Default for StreamLimits {
+    fn default() -> StreamLimits {
+        StreamLimits {
+            max_unacked_bytes: 16 << 20,
+            max_unacked_chunks: 8192,
+        }
+    }
+}
+
+/// What is stored per stream id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamRecord {
+    /// The session whose output this is.
+    pub session: String,
+    /// The `q` of the next chunk.
+    pub next_q: u32,
+    /// The last chunk (`e: 1`) was written.
+    pub closed: bool,
+    /// While output is being dropped: events and bytes dropped so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<Dropped>,
+}
+
+/// Output dropped because the cap was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dropped {
+    pub events: u64,
+    pub bytes: u64,
+}
+
+/// What [`StreamJournal::append_event`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored as this many chunks (markers included).
+    Stored { chunks: usize },
+    /// Dropped: the session's unacknowledged output is at its cap.
+    Dropped,
+    /// The stream is unknown or already ended.
+    NoStream,
+}
+
+/// Unacknowledged output of one session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct ChunkKey {
+    stream: String,
+    seq: u32,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_order: u64,
+    /// Chunks with an order below this are known to be on disk.
+    flushed_below: u64,
+    /// What the current link still has to send: order → chunk.
+    pending: BTreeMap<u64, ChunkKey>,
+    /// One-off frames (log replays): sent once on the current link, never stored.
+    volatile: VecDeque<Message>,
+    usage: HashMap<String, Usage>,
+    streams: HashMap<String, StreamRecord>,
+}
+
+/// The durable output streams of every session; see the module doc. Shared by the session
+/// manager (which appends and acks) and the tunnel link (which sends).
+pub struct StreamJournal {
+    chunks: sled::Tree,
+    streams: sled::Tree,
+    limits: StreamLimits,
+    state: Mutex<State>,
+    wake_tx: async_channel::Sender<()>,
+    wake_rx: async_channel::Receiver<()>,
+}
+
+impl std::fmt::Debug for StreamJournal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamJournal")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a journal operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("stream journal storage error: {0}")]
+    Storage(#[from] sled::Error),
+    #[error("stream {stream} has {seq} chunks, the most one stream can hold — start a new stream")]
+    SequenceExhausted { stream: String, seq: u32 },
+}
+
+impl From<sled::transaction::TransactionError<()>> for StreamError {
+    fn from(e: sled::transaction::TransactionError<()>) -> Self {
+        match e {
+            sled::transaction::TransactionError::Storage(e) => StreamError::Storage(e),
+            sled::transaction::TransactionError::Abort(()) => StreamError::Storage(
+                sled::Error::ReportableBug("stream transaction aborted".to_owned()),
+            ),
+        }
+    }
+}
+
+impl StreamJournal {
+    /// Open the stream trees of `journal` and load what a previous run left: unacknowledged
+    /// chunks (queued for the next link) and stream records.
+    pub fn open(journal: &Journal, limits: StreamLimits) -> Result<StreamJournal, StreamError> {
+        let chunks = journal.tree(TREE_CHUNKS)?;
+        let streams = journal.tree(TREE_STREAMS)?;
+        let mut state = State::default();
+        for item in streams.iter() {
+            let (k, v) = item?;
+            let (Ok(x), Ok(record)) = (
+                String::from_utf8(k.to_vec()),
+                serde_json::from_slice::<StreamRecord>(&v),
+            ) else {
+                tracing::warn!("dropping an unreadable stream record from the journal");
+                streams.remove(k)?;
+                continue;
+            };
+            state.streams.insert(x, record);
+        }
+        for item in chunks.iter() {
+            let (k, v) = item?;
+            let (Some(key), Some(value)) = (decode_key(&k), decode_value(&v)) else {
+                tracing::warn!("dropping an unreadable output chunk from the journal");
+                chunks.remove(k)?;
+                continue;
+            };
+            let usage = state.usage.entry(value.session.to_owned()).or_default();
+            usage.chunks += 1;
+            usage.bytes += value.text.len() as u64;
+            state.next_order = state.next_order.max(value.order + 1);
+            state.pending.insert(value.order, key);
+        }
+        state.flushed_below = state.next_order;
+        let (wake_tx, wake_rx) = async_channel::bounded(1);
+        Ok(StreamJournal {
+            chunks,
+            streams,
+            limits,
+            state: Mutex::new(state),
+            wake_tx,
+            wake_rx,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wake(&self) {
+        let _ = self.wake_tx.try_send(());
+    }
+
+    /// The cap in force.
+    pub fn limits(&self) -> StreamLimits {
+        self.limits
+    }
+
+    /// Register stream `x` for `session`. `Ok(false)` if `x` is already known (a re-sent
+    /// request): nothing changes.
+    pub fn open_stream(&self, x: &str, session: &str) -> Result<bool, StreamError> {
+        let mut state = self.lock();
+        if state.streams.contains_key(x) {
+            return Ok(false);
+        }
+        let record = StreamRecord {
+            session: session.to_owned(),
+            next_q: 0,
+            closed: false,
+            dropped: None,
+        };
+        self.streams
+            .insert(x, serde_json::to_vec(&record).unwrap_or_default())?;
+        state.streams.insert(x.to_owned(), record);
+        Ok(true)
+    }
+
+    /// The record of stream `x`, if known.
+    pub fn stream(&self, x: &str) -> Option<StreamRecord> {
+        self.lock().streams.get(x).cloned()
+    }
+
+    /// Unacknowledged output of `session`.
+    pub fn usage(&self, session: &str) -> Usage {
+        self.lock().usage.get(session).copied().unwrap_or_default()
+    }
+
+    /// Chunks the current link has not sent yet (volatile frames included).
+    pub fn queued(&self) -> usize {
+        let state = self.lock();
+        state.pending.len() + state.volatile.len()
+    }
+
+    /// Append one event's text (a JSON line, `\n` included) to stream `x`; with `last`, it is
+    /// the stream's final record and the stream closes. See the module doc for the cap.
+    pub fn append_event(&self, x: &str, text: &str, last: bool) -> Result<Appended, StreamError> {
+        let mut state = self.lock();
+        let Some(record) = state.streams.get(x).cloned() else {
+            return Ok(Appended::NoStream);
+        };
+        if record.closed {
+            return Ok(Appended::NoStream);
+        }
+        let usage = state
+            .usage
+            .get(&record.session)
+            .copied()
+            .unwrap_or_default();
+        let pieces = split_utf8(text, MAX_CHUNK_BYTES);
+        let fits = usage.chunks + pieces.len() as u64 <= self.limits.max_unacked_chunks
+            && usage.bytes + text.len() as u64 <= self.limits.max_unacked_bytes;
+        let mut record = record;
+        let mut written = 0;
+        if !fits && !last {
+            let dropped = record.dropped.get_or_insert(Dropped {
+                events: 0,
+                bytes: 0,
+            });
+            let first = dropped.events == 0;
+            dropped.events += 1;
+            dropped.bytes += text.len() as u64;
+            if first {
+                // The marker goes in before the counters are saved with the record.
+                let marker = truncated_marker(usage, self.limits);
+                let dropped_now = record.dropped.take();
+                written += self.write_pieces(&mut state, x, &mut record, &[&marker], false)?;
+                record.dropped = dropped_now;
+            }
+            self.save_record(&mut state, x, &record)?;
+            return Ok(if written > 0 {
+                Appended::Stored { chunks: written }
+            } else {
+                Appended::Dropped
+            });
+        }
+        if let Some(dropped) = record.dropped.take() {
+            let marker = resumed_marker(dropped);
+            written += self.write_pieces(&mut state, x, &mut record, &[&marker], false)?;
+        }
+        written += self.write_pieces(&mut state, x, &mut record, &pieces, last)?;
+        Ok(Appended::Stored { chunks: written })
+    }
+
+    fn save_record(
+        &self,
+        state: &mut State,
+        x: &str,
+        record: &StreamRecord,
+    ) -> Result<(), StreamError> {
+        self.streams
+            .insert(x, serde_json::to_vec(record).unwrap_or_default())?;
+        state.streams.insert(x.to_owned(), record.clone());
+        Ok(())
+    }
+
+    /// Write `pieces` as consecutive chunks of `x` (the last one flagged `last`), each in one
+    /// transaction with the updated stream record.
+    fn write_pieces(
+        &self,
+        state: &mut State,
+        x: &str,
+        record: &mut StreamRecord,
+        pieces: &[&str],
+        last: bool,
+    ) -> Result<usize, StreamError> {
+        for (i, piece) in pieces.iter().enumerate() {
+            let is_last = last && i + 1 == pieces.len();
+            let seq = record.next_q;
+            let next_q = seq
+                .checked_add(1)
+                .ok_or_else(|| StreamError::SequenceExhausted {
+                    stream: x.to_owned(),
+                    seq,
+                })?;
+            let order = state.next_order;
+            record.next_q = next_q;
+            record.closed = is_last;
+            let key = encode_key(x, seq);
+            let value = encode_value(order, is_last, &record.session, piece);
+            let record_bytes = serde_json::to_vec(&*record).unwrap_or_default();
+            (&self.chunks, &self.streams).transaction(|(chunks, streams)| {
+                chunks.insert(key.as_slice(), value.as_slice())?;
+                streams.insert(x.as_bytes(), record_bytes.as_slice())?;
+                Ok::<(), ConflictableTransactionError<()>>(())
+            })?;
+            state.next_order += 1;
+            let usage = state.usage.entry(record.session.clone()).or_default();
+            usage.chunks += 1;
+            usage.bytes += piece.len() as u64;
+            state.pending.insert(
+                order,
+                ChunkKey {
+                    stream: x.to_owned(),
+                    seq,
+                },
+            );
+            state.streams.insert(x.to_owned(), record.clone());
+        }
+        if !pieces.is_empty() {
+            self.wake();
+        }
+        Ok(pieces.len())
+    }
+
+    /// `sa {x, q}`: chunk `q` of `x` and every earlier one were received; delete them. Returns
+    /// how many were deleted (0 for an unknown stream or a repeated ack).
+    pub fn ack(&self, x: &str, q: u32) -> Result<usize, StreamError> {
+        let mut state = self.lock();
+        let Some(session) = state.streams.get(x).map(|r| r.session.clone()) else {
+            return Ok(0);
+        };
+        let start = encode_key(x, 0);
+        let end = encode_key(x, q);
+        let mut removed = 0;
+        let mut freed = Usage::default();
+        for item in self.chunks.range(start.as_slice()..=end.as_slice()) {
+            let (k, v) = item?;
+            if let Some(value) = decode_value(&v) {
+                state.pending.remove(&value.order);
+                freed.chunks += 1;
+                freed.bytes += value.text.len() as u64;
+            }
+            self.chunks.remove(k)?;
+            removed += 1;
+        }
+        if let Some(usage) = state.usage.get_mut(&session) {
+            usage.chunks = usage.chunks.saturating_sub(freed.chunks);
+            usage.bytes = usage.bytes.saturating_sub(freed.bytes);
+            if usage.chunks == 0 {
+                state.usage.remove(&session);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// A link came up: queue every unacknowledged chunk again, in write order, and forget
+    /// one-off frames meant for the previous link.
+    pub fn link_up(&self) {
+        let mut state = self.lock();
+        state.volatile.clear();
+        let mut pending = BTreeMap::new();
+        for (k, v) in self.chunks.iter().flatten() {
+            if let (Some(key), Some(value)) = (decode_key(&k), decode_value(&v)) {
+                pending.insert(value.order, key);
+            }
+        }
+        state.pending = pending;
+        drop(state);
+        self.wake();
+    }
+
+    /// Queue one-off frames (an `sl` replay) for the current link.
+    pub fn push_volatile(&self, frames: Vec<Message>) {
+        self.lock().volatile.extend(frames);
+        self.wake();
+    }
+
+    /// The next frame for the link: one-off frames first, then stored chunks in write order,
+    /// each flushed to disk before it is returned. Waits while there is nothing to send.
+    /// Cancel-safe: a frame is only taken off the queue when it is returned.
+    pub async fn next_frame(&self) -> Message {
+        loop {
+            let flush_up_to = {
+                let mut state = self.lock();
+                if let Some(frame) = state.volatile.pop_front() {
+                    return frame;
+                }
+                match state
+                    .pending
+                    .first_key_value()
+                    .map(|(o, k)| (*o, k.clone()))
+                {
+                    Some((order, key)) if order < state.flushed_below => {
+                        state.pending.remove(&order);
+                        if let Some(msg) = self.load(&key) {
+                            return msg;
+                        }
+                        // Acknowledged meanwhile (or unreadable): next.
+                        continue;
+                    }
+                    Some(_) => Some(state.next_order),
+                    None => None,
+                }
+            };
+            match flush_up_to {
+                Some(upto) => {
+                    let tree = self.chunks.clone();
+                    match smol::unblock(move || tree.flush()).await {
+                        Ok(_) => {
+                            let mut state = self.lock();
+                            state.flushed_below = state.flushed_below.max(upto);
+                        }
+                        Err(e) => {
+                            tracing::error!(
+                                "cannot flush session output to disk ({e}); retrying in 1 s — check the data_dir's disk"
+                            );
+                            smol::Timer::after(std::time::Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+                None => {
+                    let _ = self.wake_rx.recv().await;
+                }
+            }
+        }
+    }
+
+    /// Stored chunk `key` as an `sc`.
+    fn load(&self, key: &ChunkKey) -> Option<Message> {
+        let v = self.chunks.get(encode_key(&key.stream, key.seq)).ok()??;
+        let value = decode_value(&v)?;
+        Some(Message::StreamChunk(StreamChunk {
+            stream_id: key.stream.clone(),
+            seq: key.seq,
+            last: value.last,
+            data: value.text.to_owned(),
+        }))
+    }
+
+    /// Every stored (unacknowledged) chunk of stream `x`, in order (for tests and diagnostics).
+    pub fn stored(&self, x: &str) -> Vec<StreamChunk> {
+        let start = encode_key(x, 0);
+        let end = encode_key(x, u32::MAX);
+        self.chunks
+            .range(start.as_slice()..=end.as_slice())
+            .flatten()
+            .filter_map(|(k, v)| {
+                let key = decode_key(&k)?;
+                let value = decode_value(&v)?;
+                Some(StreamChunk {
+                    stream_id: key.stream,
+                    seq: key.seq,
+                    last: value.last,
+                    data: value.text.to_owned(),
+                })
+            })
+            .collect()
+    }
+
+    /// Flush to disk now.
+    pub fn flush(&self) -> Result<(), StreamError> {
+        self.chunks.flush()?;
+        Ok(())
+    }
+}
+
+fn truncated_marker(usage: Usage, limits: StreamLimits) -> String {
+    let line = serde_json::json!({
+        "type": "codemantle.output.truncated",
+        "properties": {
+            "reason": "the session's unacknowledged output reached its cap; events are dropped until the control plane acknowledges",
+            "unackedChunks": usage.chunks,
+            "unackedBytes": usage.bytes,
+            "maxChunks": limits.max_unacked_chunks,
+            "maxBytes": limits.max_unacked_bytes,
+        }
+    });
+    format!("{line}\n")
+}
+
+fn resumed_marker(dropped: Dropped) -> String {
+    let line = serde_json::json!({
+        "type": "codemantle.output.resumed",
+        "properties": { "droppedEvents": dropped.events, "droppedBytes": dropped.bytes }
+    });
+    format!("{line}\n")
+}
+
+/// `text` in pieces of at most `max` bytes, never splitting a character; one empty piece for
+/// empty text.
+pub fn split_utf8(text: &str, max: usize) -> Vec<&str> {
+    let mut pieces = Vec::new();
+    let mut rest = text;
+    while rest.len() > max {
+        let mut end = max;
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        let (head, tail) = rest.split_at(end);
+        pieces.push(head);
+        rest = tail;
+    }
+    if !rest.is_empty() || pieces.is_empty() {
+        pieces.push(rest);
+    }
+    pieces
+}
+
+fn encode_key(x: &str, q: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(x.len() + 5);
+    k.extend_from_slice(x.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&q.to_be_bytes());
+    k
+}
+
+fn decode_key(k: &[u8]) -> Option<ChunkKey> {
+    let (x, q) = k.split_at(k.len().checked_sub(5)?);
+    if q[0] != 0 {
+        return None;
+    }
+    Some(ChunkKey {
+        stream: String::from_utf8(x.to_vec()).ok()?,
+        seq: u32::from_be_bytes(q[1..].try_into().ok()?),
+    })
+}
+
+struct ChunkValue<'a> {
+    order: u64,
+    last: bool,
+    session: &'a str,
+    text: &'a str,
+}
+
+fn encode_value(order: u64, last: bool, session: &str, text: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(10 + session.len() + text.len());
+    v.extend_from_slice(&order.to_be_bytes());
+    v.push(u8::from(last));
+    // Session ids are at most 64 bytes (wire limit).
+    v.push(session.len().min(255) as u8);
+    v.extend_from_slice(&session.as_bytes()[..session.len().min(255)]);
+    v.extend_from_slice(text.as_bytes());
+    v
+}
+
+fn decode_value(v: &[u8]) -> Option<ChunkValue<'_>> {
+    let order = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let last = *v.get(8)? != 0;
+    let len = usize::from(*v.get(9)?);
+    let session = std::str::from_utf8(v.get(10..10 + len)?).ok()?;
+    let text = std::str::from_utf8(v.get(10 + len..)?).ok()?;
+    Some(ChunkValue {
+        order,
+        last,
+        session,
+        text,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &std::path::Path, limits: StreamLimits) -> (Journal, StreamJournal) {
+        let j = Journal::open(&dir.join("data"), 3600).unwrap();
+        let s = StreamJournal::open(&j, limits).unwrap();
+        (j, s)
+    }
+
+    fn frames(s: &StreamJournal) -> Vec<StreamChunk> {
+        let mut out = Vec::new();
+        while s.queued() > 0 {
+            match smol::block_on(s.next_frame()) {
+                Message::StreamChunk(c) => out.push(c),
+                other => panic!("{other:?}"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn splitting_respects_characters() {
+        assert_eq!(split_utf8("", 4), [""]);
+        assert_eq!(split_utf8("abcd", 4), ["abcd"]);
+        assert_eq!(split_utf8("abcde", 4), ["abcd", "e"]);
+        assert_eq!(split_utf8("aé€b", 3), ["aé", "€", "b"]);
+        let big = "é".repeat(5000);
+        let pieces = split_utf8(&big, MAX_CHUNK_BYTES);
+        assert!(pieces.iter().all(|p| p.len() <= MAX_CHUNK_BYTES));
+        assert_eq!(pieces.concat(), big);
+    }
+
+    #[test]
+    fn persist_send_ack_resend() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_j, s) = open(dir.path(), StreamLimits::default());
+        assert!(s.open_stream("streamAAA1", "ses1").unwrap());
+        assert!(!s.open_stream("streamAAA1", "ses1").unwrap());
+        for i in 0..3 {
+            s.append_event("streamAAA1", &format!("{{\"n\":{i}}}\n"), i == 2)
+                .unwrap();
+        }
+        assert_eq!(
+            s.usage("ses1"),
+            Usage {
+                chunks: 3,
+                bytes: 24
+            }
+        );
+        let sent = frames(&s);
+        assert_eq!(sent.iter().map(|c| c.seq).collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(sent[2].last && !sent[1].last);
+        assert_eq!(s.ack("streamAAA1", 0).unwrap(), 1);
+        // Reconnect: 1 and 2 again, not 0.
+        s.link_up();
+        let again = frames(&s);
+        assert_eq!(again.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(s.ack("streamAAA1", 2).unwrap(), 2);
+        assert_eq!(s.ack("streamAAA1", 2).unwrap(), 0);
+        assert_eq!(s.usage("ses1"), Usage::default());
+        s.link_up();
+        assert_eq!(s.queued(), 0);
+        // Closed: nothing more is accepted.
+        assert_eq!(
+            s.append_event("streamAAA1", "x\n", false).unwrap(),
+            Appended::NoStream
+        );
+    }
+
+    #[test]
+    fn survives_reopen_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (_j, s) = open(dir.path(), StreamLimits::default());
+            s.open_stream("streamBBB1", "ses1").unwrap();
+            s.open_stream("streamCCC1", "ses2").unwrap();
+            s.append_event("streamBBB1", "b0\n", false).unwrap();
+            s.append_event("streamCCC1", "c0\n", false).unwrap();
+            s.append_event("streamBBB1", "b1\n", false).unwrap();
+            s.flush().unwrap();
+        }
+        let (_j, s) = open(dir.path(), StreamLimits::default());
+        let sent: Vec<String> = frames(&s).into_iter().map(|c| c.data).collect();
+        assert_eq!(sent, ["b0\n", "c0\n", "b1\n"]);
+        s.append_event("streamBBB1", "b2\n", true).unwrap();
+        let last = frames(&s);
+        assert_eq!((last[0].seq, last[0].last), (2, true));
+    }
+
+    #[test]
+    fn cap_gives_markers_never_a_silent_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = StreamLimits {
+            max_unacked_bytes: 1 << 20,
+            max_unacked_chunks: 3,
+        };
+        let (_j, s) = open(dir.path(), limits);
+        s.open_stream("streamDDD1", "ses1").unwrap();
+        for i in 0..6 {
+            s.append_event("streamDDD1", &format!("e{i}\n"), false)
+                .unwrap();
+        }
+        let sent = frames(&s);
+        let texts: Vec<&str> = sent.iter().map(|c| c.data.as_str()).collect();
+        assert_eq!(&texts[..3], ["e0\n", "e1\n", "e2\n"]);
+        assert!(
+            texts[3].contains("codemantle.output.truncated"),
+            "{texts:?}"
+        );
+        assert_eq!(texts.len(), 4);
+        // Acks make room: the next event comes after a `resumed` marker counting the gap.
+        s.ack("streamDDD1", 3).unwrap();
+        s.append_event("streamDDD1", "e6\n", false).unwrap();
+        let sent = frames(&s);
+        assert!(
+            sent[0].data.contains("\"droppedEvents\":3"),
+            "{:?}",
+            sent[0]
+        );
+        assert_eq!(sent[1].data, "e6\n");
+        assert_eq!(sent[1].seq, 5);
+        // Full again; the end of the stream is never dropped and reports the gap first.
+        for i in 7..12 {
+            s.append_event("streamDDD1", &format!("e{i}\n"), false)
+                .unwrap();
+        }
+        s.append_event("streamDDD1", "end\n", true).unwrap();
+        let sent = frames(&s);
+        let texts: Vec<&str> = sent.iter().map(|c| c.data.as_str()).collect();
+        let n = texts.len();
+        assert!(
+            texts[n - 2].contains("codemantle.output.resumed"),
+            "{texts:?}"
+        );
+        assert_eq!(texts[n - 1], "end\n");
+        assert!(sent[n - 1].last);
+        let seqs: Vec<u32> = sent.iter().map(|c| c.seq).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    }
+
+    #[test]
+    fn big_events_span_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_j, s) = open(dir.path(), StreamLimits::default());
+        s.open_stream("streamEEE1", "ses1").unwrap();
+        let big = format!("{}\n", "z".repeat(MAX_CHUNK_BYTES * 2 + 10));
+        assert_eq!(
+            s.append_event("streamEEE1", &big, true).unwrap(),
+            Appended::Stored { chunks: 3 }
+        );
+        let sent = frames(&s);
+        assert_eq!(sent.len(), 3);
+        assert!(sent[2].last && !sent[0].last);
+        assert_eq!(
+            sent.iter().map(|c| c.data.as_str()).collect::<String>(),
+            big
+        );
+    }
+
+    #[test]
+    fn volatile_frames_are_not_resent() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_j, s) = open(dir.path(), StreamLimits::default());
+        s.push_volatile(vec![Message::StreamChunk(StreamChunk {
+            stream_id: "replay0001".into(),
+            seq: 0,
+            last: true,
+            data: String::new(),
+        })]);
+        assert_eq!(frames(&s).len(), 1);
+        s.push_volatile(vec![Message::StreamChunk(StreamChunk {
+            stream_id: "replay0002".into(),
+            seq: 0,
+            last: true,
+            data: String::new(),
+        })]);
+        s.link_up();
+        assert_eq!(s.queued(), 0);
+    }
+
+    #[test]
+    fn keys_and_values_round_trip() {
+        let k = encode_key("abcdefgh", 7);
+        assert_eq!(
+            decode_key(&k),
+            Some(ChunkKey {
+                stream: "abcdefgh".into(),
+                seq: 7
+            })
+        );
+        assert_eq!(decode_key(b"x"), None);
+        let v = encode_value(9, true, "ses", "text");
+        let d = decode_value(&v).unwrap();
+        assert_eq!(
+            (d.order, d.last, d.session, d.text),
+            (9, true, "ses", "text")
+        );
+        assert!(decode_value(&v[..9]).is_none());
+    }
+}
