@@ -74,13 +74,21 @@ impl Harness {
 
     /// Registers a device; returns (id, secret).
     fn device(&self, tenant: &str, id: &str) -> (String, String) {
+        self.labelled_device(tenant, id, &[])
+    }
+
+    /// Registers a device with labels; returns (id, secret).
+    fn labelled_device(&self, tenant: &str, id: &str, labels: &[(&str, &str)]) -> (String, String) {
         let t = self.tenant(tenant);
         let (d, _) = registry::create_device(
             self.store.as_ref(),
             &t,
             NewDevice {
                 name: id.to_owned(),
-                labels: Default::default(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
                 id: Some(id.to_owned()),
             },
             "test",
@@ -124,6 +132,46 @@ fn post(client: &Client, path: &str, body: Value) -> Response {
 
 fn get(client: &Client, path: &str) -> Response {
     send(client, Request::new("GET", path))
+}
+
+/// Appendix A's `build-box@1.0.0` (as an operator writes it: rules unsorted).
+fn build_box() -> Value {
+    json!({
+        "schemaVersion": "1.0.0",
+        "templateId": "build-box",
+        "templateVersion": "1.0.0",
+        "routing": {
+            "defaultModel": "anthropic/claude-sonnet-4",
+            "priorityChain": ["anthropic/claude-sonnet-4", "openai/gpt-5"],
+            "intents": [
+                { "id": "fix", "match": "fix bug", "priority": 5, "rules": ["b rule", "a rule"] }
+            ]
+        },
+        "policy": { "mode": "off" },
+        "tools": {
+            "enabled": { "bash": true, "edit": false },
+            "permissions": { "bash": "ask", "edit": "deny" }
+        },
+        "mcpRefs": [ { "serverId": "docs", "version": "1", "alias": "docs", "status": "allow" } ]
+    })
+}
+
+/// The Appendix A runtime digest of `build_box()` with the `docs@1` entry.
+const BUILD_BOX_DIGEST: &str = "ONZXJwtnH6lGkd_7abKdBsdsWYlcMfaZphV0Rm0NsvA";
+
+/// Publishes `build_box()` and its MCP entry.
+fn publish_build_box(owner: &Client) {
+    let entry = json!({"serverId": "docs", "version": "1", "type": "remote", "url": "https://mcp.example.com/docs"});
+    assert_status(
+        &post(owner, "/config/mcp", json!({"entry": entry})),
+        200,
+        None,
+    );
+    assert_status(
+        &post(owner, "/config/templates", json!({"template": build_box()})),
+        200,
+        None,
+    );
 }
 
 #[track_caller]
@@ -694,6 +742,7 @@ fn a_json_daemon_never_receives_a_key_it_does_not_know() {
     cfg.log = Arc::from("{\"k\":\"log\",\"m\":\"hello\"}\nplain");
     let sim = h.connect(cfg);
     let dev = |op: &str| format!("/devices/{id}/{op}");
+    publish_build_box(&owner);
     let calls: Vec<(&str, Value)> = vec![
         ("dir", json!({"path": ".", "cursor": "c1", "limit": 5})),
         ("mkdir", json!({"path": "a/b"})),
@@ -727,7 +776,7 @@ fn a_json_daemon_never_receives_a_key_it_does_not_know() {
         ),
         (
             "config/push",
-            json!({"templateId": "build-box", "templateVersion": "1.0.0", "config": {"model": "m"}}),
+            json!({"templateId": "build-box", "templateVersion": "1.0.0"}),
         ),
         ("session/terminate", json!({"sessionId": "ses_json"})),
     ];
@@ -848,21 +897,33 @@ fn sessions_snapshots_setup_and_config_push_round_trip() {
     assert_status(&r, 200, None);
     assert_eq!(r.json()["m"], "saved_restart_required");
 
-    // Config push: the status is kept under the reply's request id.
-    let config = json!({"model": "anthropic/claude-sonnet-4", "tools": {"bash": true}});
+    // Config push: compiled from the published template, signed with the device key; the
+    // status is kept under the reply's request id.
     let r = post(
         &owner,
         &dev("config/push"),
-        json!({"templateId": "build-box", "templateVersion": "1.0.0", "config": config}),
+        json!({"templateId": "build-box", "templateVersion": "1.0.0"}),
+    );
+    assert_status(&r, 404, Some("template_not_found"));
+    publish_build_box(&owner);
+    let r = post(
+        &owner,
+        &dev("config/push"),
+        json!({"templateId": "build-box"}),
     );
     assert_status(&r, 200, None);
     let cv = r.json();
     assert_eq!(cv["st"], "applied");
-    assert_eq!(cv["pd"], codemantle_protocol::canonical::digest(&config));
+    assert_eq!(
+        cv["pd"], BUILD_BOX_DIGEST,
+        "latest version, Appendix A digest"
+    );
+    assert_eq!(cv["alg"], "hmac-sha256-devkey-v1");
     let rid = cv["i"].as_u64().expect("request id");
     let status = get(&owner, &dev(&format!("config/status/{rid}"))).json();
     assert_eq!(status["status"], "applied", "{status}");
     assert_eq!(status["templateId"], "build-box");
+    assert_eq!(status["templateVersion"], "1.0.0");
     assert_status(
         &get(&owner, &dev("config/status/0")),
         400,
@@ -876,12 +937,23 @@ fn sessions_snapshots_setup_and_config_push_round_trip() {
         404,
         Some("config_status_not_found"),
     );
-    let r = post(
-        &owner,
-        &dev("config/push"),
-        json!({"templateId": "build-box", "templateVersion": "1.0.0"}),
+    // What a caller may no longer choose: the payload, the signature, another policy mode.
+    for body in [
+        json!({"templateId": "build-box", "config": {"model": "m"}}),
+        json!({"templateId": "build-box", "signature": "x", "signatureAlgorithm": "y"}),
+        json!({"templateId": "build-box", "policyMode": "restricted"}),
+    ] {
+        assert_status(
+            &post(&owner, &dev("config/push"), body),
+            400,
+            Some("invalid_request"),
+        );
+    }
+    assert_status(
+        &post(&owner, &dev("config/push"), json!({})),
+        400,
+        Some("invalid_template_id"),
     );
-    assert_status(&r, 400, Some("invalid_request"));
 
     // A viewer cannot dispatch; an operator cannot push config.
     let viewer = h.client(&h.token("default", Role::Viewer));
@@ -903,35 +975,95 @@ fn sessions_snapshots_setup_and_config_push_round_trip() {
 }
 
 #[test]
-fn templates_are_immutable_and_mcp_headers_are_for_admins() {
+fn templates_are_validated_and_immutable_and_mcp_credentials_are_for_admins() {
     let h = Harness::start(test_config());
     let owner = h.client(&h.owner);
-    let template =
-        json!({"templateId": "build-box", "templateVersion": "1.0.0", "defaultModel": "a/b"});
-    let r = post(&owner, "/config/templates", json!({"template": template}));
-    assert_status(&r, 200, None);
-    assert_eq!(r.json()["key"], "build-box@1.0.0");
-    let r = post(&owner, "/config/templates", json!({"template": template}));
-    assert_status(&r, 200, None);
-    assert_eq!(r.json()["unchanged"], true);
-    let changed =
-        json!({"templateId": "build-box", "templateVersion": "1.0.0", "defaultModel": "c/d"});
-    let r = post(&owner, "/config/templates", json!({"template": changed}));
-    assert_status(&r, 409, Some("template_version_exists"));
     let r = post(
         &owner,
         "/config/templates",
-        json!({"template": {"templateId": "build-box", "templateVersion": "v1"}}),
+        json!({"template": build_box()}),
     );
+    assert_status(&r, 200, None);
+    assert_eq!(r.json()["key"], "build-box@1.0.0");
+    // The same template written differently (rules in another order) is the same version.
+    let mut reordered = build_box();
+    reordered["routing"]["intents"][0]["rules"] = json!(["a rule", "b rule"]);
+    let r = post(&owner, "/config/templates", json!({"template": reordered}));
+    assert_status(&r, 200, None);
+    assert_eq!(r.json()["unchanged"], true);
+    let mut changed = build_box();
+    changed["routing"]["defaultModel"] = json!("openai/gpt-5");
+    let r = post(&owner, "/config/templates", json!({"template": changed}));
+    assert_status(&r, 409, Some("template_version_exists"));
+    let mut not_semver = build_box();
+    not_semver["templateVersion"] = json!("v1");
+    let r = post(&owner, "/config/templates", json!({"template": not_semver}));
     assert_status(&r, 400, Some("invalid_template_version"));
+    // Every problem at once, with its path.
+    let mut broken = build_box();
+    broken["routing"]["intents"][0]["id"] = json!("Bad Id");
+    broken["policy"] = json!({"mode": "read-only"});
+    broken["extra"] = json!(1);
+    let r = post(&owner, "/config/templates", json!({"template": broken}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    let body = r.json();
+    let paths: Vec<&str> = body["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .filter_map(|e| e["path"].as_str())
+        .collect();
+    for p in ["routing.intents[0].id", "tools.enabled.bash", "extra"] {
+        assert!(paths.contains(&p), "{p} not in {body}");
+    }
+    assert!(
+        body["error"].as_str().unwrap_or("").contains(','),
+        "codes joined: {body}"
+    );
     let list = get(&owner, "/config/templates").json();
-    assert_eq!(list["templates"], json!([template]));
+    assert_eq!(
+        list["templates"].as_array().map(Vec::len),
+        Some(1),
+        "{list}"
+    );
+    assert_eq!(
+        list["templates"][0]["routing"]["intents"][0]["rules"],
+        json!(["a rule", "b rule"]),
+        "stored normalised"
+    );
+    let schema = get(
+        &h.client(&h.token("default", Role::Viewer)),
+        "/config/template/schema",
+    );
+    assert_status(&schema, 200, None);
+    assert!(schema.json()["schema"].is_object());
 
     let entry = json!({"serverId": "docs", "version": "1", "type": "remote", "url": "https://mcp.example/docs", "headers": {"Authorization": "Bearer x"}});
     assert_status(
         &post(&owner, "/config/mcp", json!({"entry": entry})),
         200,
         None,
+    );
+    let r = post(&owner, "/config/mcp", json!({"entry": entry}));
+    assert_status(&r, 200, None);
+    assert_eq!(r.json()["unchanged"], true);
+    let mut other = entry.clone();
+    other["url"] = json!("https://elsewhere.example/docs");
+    assert_status(
+        &post(&owner, "/config/mcp", json!({"entry": other})),
+        409,
+        Some("mcp_version_exists"),
+    );
+    let r = post(
+        &owner,
+        "/config/mcp",
+        json!({"entry": {"serverId": "X", "version": "", "type": "remote", "url": "ftp://x"}}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(
+        r.json()["errors"].as_array().is_some_and(|e| e.len() >= 3),
+        "{}",
+        r.text()
     );
     let viewer = h.client(&h.token("default", Role::Viewer));
     assert_status(
@@ -944,12 +1076,129 @@ fn templates_are_immutable_and_mcp_headers_are_for_admins() {
         seen_by_viewer["entries"][0]["url"],
         "https://mcp.example/docs"
     );
-    assert!(seen_by_viewer["entries"][0].get("headers").is_none());
+    assert_eq!(
+        seen_by_viewer["entries"][0]["headers"]["Authorization"],
+        "<redacted>"
+    );
     let seen_by_owner = get(&owner, "/config/mcp").json();
     assert_eq!(
         seen_by_owner["entries"][0]["headers"]["Authorization"],
         "Bearer x"
     );
+
+    // Compile: what a push would send (admins only: it carries the headers).
+    let r = post(&owner, "/config/templates/build-box/compile", json!({}));
+    assert_status(&r, 200, None);
+    assert_eq!(
+        r.json()["config"]["mcp"]["docs"]["headers"]["Authorization"],
+        "Bearer x"
+    );
+    assert_status(
+        &post(&viewer, "/config/templates/build-box/compile", json!({})),
+        403,
+        Some("forbidden"),
+    );
+    assert_status(
+        &post(&owner, "/config/templates/nope-nope/compile", json!({})),
+        404,
+        Some("template_not_found"),
+    );
+}
+
+#[test]
+fn fleet_push_reaches_matching_online_devices_and_records_the_offline_ones() {
+    let h = Harness::start(test_config());
+    let owner = h.client(&h.owner);
+    publish_build_box(&owner);
+    let (prod_a, key_a) = h.labelled_device("default", "dev_fleetprod00001", &[("env", "prod")]);
+    let (prod_off, _) = h.labelled_device("default", "dev_fleetprod00002", &[("env", "prod")]);
+    let (dev_b, key_b) = h.labelled_device("default", "dev_fleetdevl00001", &[("env", "dev")]);
+    let sim_a = h.connect(h.sim(&prod_a, &key_a).recording());
+    let sim_b = h.connect(h.sim(&dev_b, &key_b).recording());
+
+    let r = post(
+        &owner,
+        "/config/push",
+        json!({"templateId": "build-box", "selector": "env=prod"}),
+    );
+    assert_status(&r, 202, None);
+    let body = r.json();
+    assert_eq!(body["matched"], 2, "{body}");
+    assert_eq!(body["digest"], BUILD_BOX_DIGEST);
+    let devices = body["devices"].as_array().expect("devices");
+    let entry = |id: &str| {
+        devices
+            .iter()
+            .find(|d| d["deviceId"] == id)
+            .unwrap_or_else(|| panic!("{id} not in {body}"))
+            .clone()
+    };
+    let online = entry(&prod_a);
+    assert_eq!(online["status"], "pending");
+    let offline = entry(&prod_off);
+    assert_eq!(
+        (offline["status"].clone(), offline["message"].clone()),
+        (json!("failed"), json!("device_offline"))
+    );
+    assert!(devices.iter().all(|d| d["deviceId"] != dev_b.as_str()));
+
+    // The online device's outcome arrives in its status record.
+    let rid = online["requestId"].as_u64().expect("request id");
+    let path = format!("/devices/{prod_a}/config/status/{rid}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = get(&owner, &path).json();
+        if st["status"] == "applied" {
+            assert_eq!(st["digest"], BUILD_BOX_DIGEST);
+            break;
+        }
+        assert!(Instant::now() < deadline, "never applied: {st}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let rid = offline["requestId"].as_u64().expect("request id");
+    let st = get(&owner, &format!("/devices/{prod_off}/config/status/{rid}")).json();
+    assert_eq!(
+        (st["status"].clone(), st["message"].clone()),
+        (json!("failed"), json!("device_offline"))
+    );
+    assert_eq!(sim_a.count("cc"), 1);
+    assert_eq!(sim_b.count("cc"), 0, "env=dev is not selected");
+
+    // Bad selectors and unknown templates are refused before anything is sent.
+    assert_status(
+        &post(
+            &owner,
+            "/config/push",
+            json!({"templateId": "build-box", "selector": "env=prod,"}),
+        ),
+        400,
+        Some("invalid_selector"),
+    );
+    assert_status(
+        &post(&owner, "/config/push", json!({"templateId": "build-box"})),
+        400,
+        None,
+    );
+    assert_status(
+        &post(
+            &owner,
+            "/config/push",
+            json!({"templateId": "nope-nope", "selector": "env=prod"}),
+        ),
+        404,
+        Some("template_not_found"),
+    );
+    let operator = h.client(&h.token("default", Role::Operator));
+    assert_status(
+        &post(
+            &operator,
+            "/config/push",
+            json!({"templateId": "build-box", "selector": "env=prod"}),
+        ),
+        403,
+        Some("forbidden"),
+    );
+    assert_eq!(sim_a.count("cc"), 1);
 }
 
 #[test]

@@ -19,6 +19,9 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: Cow<'static, str>,
     pub message: String,
+    /// Structured detail a script can act on (e.g. every validation problem with its field
+    /// path), sent as `errors`.
+    pub details: Option<serde_json::Value>,
 }
 
 impl ApiError {
@@ -31,7 +34,14 @@ impl ApiError {
             status,
             code: code.into(),
             message: message.into(),
+            details: None,
         }
+    }
+
+    /// The same error with `details` sent as the body's `errors`.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -51,9 +61,13 @@ impl ApiError {
         )
     }
 
-    /// The JSON body of this error.
+    /// The JSON body of this error: `{error, message}`, plus `errors` when there are details.
     pub fn body(&self) -> serde_json::Value {
-        json!({ "error": self.code, "message": self.message })
+        let mut body = json!({ "error": self.code, "message": self.message });
+        if let Some(d) = &self.details {
+            body["errors"] = d.clone();
+        }
+        body
     }
 
     pub fn into_response(self) -> hyper::Response<Body> {

@@ -227,6 +227,11 @@ impl App {
             }
             Route::TemplatesList => templates::list(&self, &principal).await,
             Route::TemplatesPublish => templates::publish(&self, &principal, &parts, body).await,
+            Route::TemplateSchema => templates::schema(&principal),
+            Route::TemplateCompile(tid) => templates::compile(&self, &principal, body, &tid).await,
+            Route::FleetConfigPush => {
+                config_push::fleet_push(&self, &principal, &parts, body).await
+            }
             Route::McpList => templates::mcp_list(&self, &principal).await,
             Route::McpSave => templates::mcp_save(&self, &principal, &parts, body).await,
             Route::Tunnel

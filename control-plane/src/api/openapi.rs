@@ -51,7 +51,10 @@ pub fn document() -> Value {
             "schemas": {
                 "Error": { "type": "object", "required": ["error", "message"], "properties": {
                     "error": { "type": "string", "description": "stable code" },
-                    "message": { "type": "string", "description": "what happened and what to do" } } },
+                    "message": { "type": "string", "description": "what happened and what to do" },
+                    "errors": { "type": "array", "description": "validation routes: every problem",
+                        "items": { "type": "object", "properties": { "path": { "type": "string" },
+                            "code": { "type": "string" }, "message": { "type": "string" } } } } } },
                 "HostFacts": { "type": "object", "properties": {
                     "hostname": { "type": "string" }, "os": { "type": "string" }, "arch": { "type": "string" } } },
                 "Device": { "type": "object", "properties": {
@@ -229,13 +232,7 @@ fn device_op_body(op: DeviceOp) -> Value {
             "opencodeProviderId": s("≤ 128"), "opencodeModelId": s("≤ 128"),
             "requestTimeoutMs": i("daemon request timeout", 1000, 120000),
             "agentAuthToken": s("must be absent or empty: keys are installed on the host") }),
-        DeviceOp::ConfigPush => json!({
-            "templateId": s("^[a-z0-9][a-z0-9_-]{2,63}$ (required)"),
-            "templateVersion": s("default: the latest published version"),
-            "config": { "type": "object", "description": "the compiled OpenCode config (until the template compiler lands)" },
-            "applyPath": s("default .opencode/opencode.json"),
-            "signatureAlgorithm": s("opaque, ≤ 64"), "signature": s("opaque, ≤ 512"),
-            "policyMode": { "type": "string", "enum": ["off", "read-only", "restricted"] } }),
+        DeviceOp::ConfigPush => config_push_body(),
         DeviceOp::Git(g) => {
             let mut p = json!({ "root": root, "path": path });
             let extra = match g {
@@ -266,6 +263,18 @@ fn device_op_body(op: DeviceOp) -> Value {
         }
     };
     json!({ "type": "object", "properties": props })
+}
+
+/// The body of a config push (one device or the fleet): which published template to send.
+fn config_push_body() -> Value {
+    json!({
+        "templateId": { "type": "string", "description": "^[a-z0-9][a-z0-9_-]{2,63}$ (required): a published template" },
+        "templateVersion": { "type": "string", "description": "default: the latest published version by semver" },
+        "applyPath": { "type": "string", "description": "default .opencode/opencode.json; the daemon's [config_push] allowed_apply_paths decides" },
+        "policyMode": { "type": "string", "enum": ["off", "read-only", "restricted"],
+            "description": "optional check: must equal the template's mode (the mode comes from the template)" },
+        "signature": { "type": "string", "description": "not accepted: the control plane signs with the device's own key" },
+        "signatureAlgorithm": { "type": "string", "description": "not accepted (see signature)" } })
 }
 
 /// Adds the device command routes and the config registry.
@@ -336,7 +345,7 @@ fn device_routes(doc: &mut Value) {
             "parameters": [ id_param, { "name": "requestId", "in": "path", "required": true,
                 "description": "the `i` of the push reply", "schema": { "type": "integer", "minimum": 1 } } ],
             "responses": {
-                "200": { "description": "{deviceId, requestId, templateId, templateVersion, status, digest, phase?, scope?, policyMode?, appliedPath?, violations?, message?, respondedAt}",
+                "200": { "description": "{deviceId, requestId, templateId, templateVersion, status, digest, phase?, scope?, policyMode?, appliedPath?, violations? (the daemon's reasons for `rejected`), message? (`device_offline`, `timeout`, … for `failed`), hint?, respondedAt}; works for single and fleet pushes",
                     "content": { "application/json": { "schema": { "type": "object" } } } },
                 "400": err("`invalid_request_id`"),
                 "404": err("`device_not_found`, `config_status_not_found`") } } }),
@@ -361,31 +370,74 @@ fn device_routes(doc: &mut Value) {
             "get": { "summary": "Published templates (viewer): {templates:[template]}",
                 "responses": { "200": { "description": "by id, then semver",
                     "content": { "application/json": { "schema": { "type": "object" } } } } } },
-            "post": { "summary": "Publish a template version (admin); versions are immutable",
+            "post": { "summary": "Publish a template version (admin); validated, stored normalised, versions immutable",
                 "parameters": [idem],
                 "requestBody": { "required": true, "content": { "application/json": { "schema": {
                     "type": "object", "required": ["template"], "properties": { "template": {
-                        "type": "object", "required": ["templateId", "templateVersion"] } } } } } },
+                        "type": "object", "description": "an agent template (GET /config/template/schema)",
+                        "required": ["schemaVersion", "templateId", "templateVersion", "routing", "tools", "mcpRefs"] } } } } } },
                 "responses": {
                     "200": { "description": "{o:1, key, digest, unchanged?}",
                         "content": { "application/json": { "schema": { "type": "object" } } } },
-                    "400": err("`invalid_template`, `invalid_template_id`, `invalid_template_version`"),
+                    "400": err("Every problem at once: `error` = the codes joined by commas (e.g. `invalid_intent_id,policy_tool_not_disabled`), `errors` = [{path, code, message}]; `invalid_template`, `invalid_template_version` (not semver)"),
                     "409": err("`template_version_exists` (same version, different content)") } } }),
+    );
+    paths.insert(
+        "/config/template/schema".into(),
+        json!({ "get": { "summary": "The JSON Schema of an agent template (viewer): {schema}",
+            "responses": { "200": { "description": "{schema}",
+                "content": { "application/json": { "schema": { "type": "object" } } } } } } }),
+    );
+    paths.insert(
+        "/config/templates/{templateId}/compile".into(),
+        json!({ "post": { "summary": "Compile a published template to the runtime OpenCode config a push would send (admin: MCP credentials are included)",
+            "parameters": [ { "name": "templateId", "in": "path", "required": true, "schema": { "type": "string" } } ],
+            "requestBody": { "required": false, "content": { "application/json": { "schema": {
+                "type": "object", "properties": { "templateVersion": { "type": "string", "description": "default: latest by semver" } } } } } },
+            "responses": {
+                "200": { "description": "{o:1, templateId, templateVersion, digest, policyMode, config}",
+                    "content": { "application/json": { "schema": { "type": "object" } } } },
+                "400": err("`missing_mcp_refs:<serverId@version,…>`, `local_mcp_not_allowed:<aliases>`, `config_payload_too_large`"),
+                "404": err("`template_not_found`"),
+                "409": err("`invalid_stored_template`") } } }),
+    );
+    paths.insert(
+        "/config/push".into(),
+        json!({ "post": { "summary": "Push a published template to every device of the tenant whose labels match a selector (admin, idempotent)",
+            "parameters": [idem],
+            "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                "type": "object", "required": ["templateId", "selector"],
+                "properties": {
+                    "selector": { "type": "string", "description": "label selector: `k=v`, `k==v`, `k!=v`, `k` (exists), `!k`, comma-separated (all must hold), e.g. env=prod,role!=canary" },
+                    "templateId": config_push_body()["templateId"].clone(),
+                    "templateVersion": config_push_body()["templateVersion"].clone(),
+                    "applyPath": config_push_body()["applyPath"].clone(),
+                    "policyMode": config_push_body()["policyMode"].clone() } } } } },
+            "responses": {
+                "202": { "description": "{o:1, templateId, templateVersion, digest, selector, matched, devices:[{deviceId, requestId, status: pending|failed, message?}]}: online devices have their push queued (outcome in GET /devices/{id}/config/status/{requestId} and `config.push` events); offline ones are recorded `failed` with message `device_offline`",
+                    "content": { "application/json": { "schema": { "type": "object" } } } },
+                "400": err("`invalid_selector`, `invalid_template_id`, `invalid_apply_path`, `invalid_request`, `missing_mcp_refs:…`"),
+                "401": err("No or bad token"),
+                "403": err("Role below admin (`forbidden`)"),
+                "404": err("`template_not_found`"),
+                "422": err("`idempotency_key_reused`") } } }),
     );
     paths.insert(
         "/config/mcp".into(),
         json!({
-            "get": { "summary": "MCP registry entries (viewer; `headers` shown to admins only): {entries:[entry]}",
+            "get": { "summary": "MCP registry entries (viewer; header and environment values shown to admins only, `<redacted>` for others): {entries:[entry]}",
                 "responses": { "200": { "description": "by serverId@version",
                     "content": { "application/json": { "schema": { "type": "object" } } } } } },
-            "post": { "summary": "Create or replace an MCP entry (admin)", "parameters": [idem],
+            "post": { "summary": "Register an MCP entry (admin); validated, immutable per serverId@version", "parameters": [idem],
                 "requestBody": { "required": true, "content": { "application/json": { "schema": {
                     "type": "object", "required": ["entry"], "properties": { "entry": {
-                        "type": "object", "required": ["serverId", "version"] } } } } } },
+                        "type": "object", "required": ["serverId", "version", "type"],
+                        "description": "remote: {url | gatewayRef, headers?}; local: {command, environment?}" } } } } } },
                 "responses": {
-                    "200": { "description": "{o:1, key}",
+                    "200": { "description": "{o:1, key, unchanged?}",
                         "content": { "application/json": { "schema": { "type": "object" } } } },
-                    "400": err("`invalid_mcp_entry`, `invalid_mcp_server_id`, `invalid_mcp_version`") } } }),
+                    "400": err("Every problem at once: `error` = the codes joined by commas (e.g. `invalid_server_id,invalid_mcp_url`), `errors` = [{path, code, message}]; `invalid_mcp_entry`"),
+                    "409": err("`mcp_version_exists` (same serverId@version, different content)") } } }),
     );
 }
 
@@ -407,6 +459,9 @@ mod tests {
             "/devices/{id}/config/status/{requestId}",
             "/session/{sessionId}/snapshot",
             "/config/templates",
+            "/config/template/schema",
+            "/config/templates/{templateId}/compile",
+            "/config/push",
             "/config/mcp",
         ] {
             assert!(

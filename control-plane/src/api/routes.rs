@@ -29,8 +29,14 @@ pub enum Route {
     SessionSnapshot(String),
     TemplatesList,
     TemplatesPublish,
+    /// `GET /config/template/schema`.
+    TemplateSchema,
+    /// `POST /config/templates/:templateId/compile`.
+    TemplateCompile(String),
     McpList,
     McpSave,
+    /// `POST /config/push`: a template to every device matching a label selector.
+    FleetConfigPush,
     MethodNotAllowed {
         allow: &'static str,
     },
@@ -193,6 +199,14 @@ pub fn route(method: &Method, segments: &[String]) -> Route {
             Method::POST => Route::TemplatesPublish,
             _ => Route::MethodNotAllowed { allow: "GET, POST" },
         },
+        ["config", "template", "schema"] => only(m, &Method::GET, Route::TemplateSchema, "GET"),
+        ["config", "templates", tid, "compile"] => only(
+            m,
+            &Method::POST,
+            Route::TemplateCompile((*tid).to_owned()),
+            "POST",
+        ),
+        ["config", "push"] => only(m, &Method::POST, Route::FleetConfigPush, "POST"),
         ["config", "mcp"] => match *m {
             Method::GET => Route::McpList,
             Method::POST => Route::McpSave,
@@ -273,6 +287,19 @@ mod tests {
         assert_eq!(
             r(Method::GET, "/session/ses_1/snapshot"),
             Route::SessionSnapshot("ses_1".into())
+        );
+        assert_eq!(
+            r(Method::GET, "/config/template/schema"),
+            Route::TemplateSchema
+        );
+        assert_eq!(
+            r(Method::POST, "/config/templates/build-box/compile"),
+            Route::TemplateCompile("build-box".into())
+        );
+        assert_eq!(r(Method::POST, "/config/push"), Route::FleetConfigPush);
+        assert_eq!(
+            r(Method::GET, "/config/push"),
+            Route::MethodNotAllowed { allow: "POST" }
         );
         for op in DeviceOp::ALL {
             let path = format!("/devices/dev_x/{}", op.path());
