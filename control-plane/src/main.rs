@@ -144,7 +144,19 @@ fn parse_role(s: &str) -> Result<Role, String> {
     Role::parse(s).ok_or_else(|| format!("{s:?} is not one of viewer, operator, admin, owner"))
 }
 
+/// Default cap of the `blocking` thread pool behind `smol::unblock` (its own default is 500).
+/// Store calls are short; a connect storm of thousands of daemons would otherwise leave
+/// hundreds of idle threads whose stacks and malloc arenas cost more memory than the
+/// connections themselves (measured in `tests/fleet_memory.rs`). `BLOCKING_MAX_THREADS` in the
+/// environment still wins.
+const BLOCKING_THREADS: &str = "32";
+
 fn main() -> ExitCode {
+    if std::env::var_os("BLOCKING_MAX_THREADS").is_none() {
+        // SAFETY: first statement of main, before any thread exists, so nothing can read the
+        // environment concurrently.
+        unsafe { std::env::set_var("BLOCKING_MAX_THREADS", BLOCKING_THREADS) };
+    }
     let cli = Cli::parse();
     let overrides = Overrides {
         config_file: cli.config.clone(),

@@ -173,8 +173,13 @@ fn state_survives_a_restart_and_the_event_log_resumes_without_a_gap() {
         )
     };
     assert_eq!(dir_call(&client).status, 200);
-    let template =
-        json!({"templateId": "build-box", "templateVersion": "1.2.0", "defaultModel": "a/b"});
+    let template = json!({
+        "schemaVersion": "1.0.0",
+        "templateId": "build-box",
+        "templateVersion": "1.2.0",
+        "routing": { "defaultModel": "anthropic/claude-sonnet-4", "intents": [] },
+        "mcpRefs": []
+    });
     let r = send(
         &client,
         Request::new("POST", "/config/templates").json(&json!({ "template": template })),
@@ -202,7 +207,10 @@ fn state_survives_a_restart_and_the_event_log_resumes_without_a_gap() {
     let viewer_client = Client::new(&server.url, Some(viewer), None).expect("client");
     let r = send(&viewer_client, Request::new("GET", "/config/templates"));
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["templates"], json!([template]));
+    let listed = r.json()["templates"].clone();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed[0]["templateId"], template["templateId"]);
+    assert_eq!(listed[0]["templateVersion"], template["templateVersion"]);
 
     let after = events(&client);
     assert_contiguous(&after);
