@@ -83,18 +83,30 @@ impl ControlPlane {
     /// Registers a device while the server is stopped (local admin owns the store then).
     /// Stops and restarts the server around it if it is running.
     pub fn add_device(&mut self, name: &str) -> DeviceCredentials {
+        self.add_device_with_labels(name, &[])
+    }
+
+    /// [`ControlPlane::add_device`] with labels (`device add --label k=v`), for fleet pushes
+    /// by label selector.
+    pub fn add_device_with_labels(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> DeviceCredentials {
         let was_running = self.child.is_some();
         if was_running {
             self.stop();
         }
         let key_file = self.dir.path().join(format!("{name}.key"));
-        let out = run_ok(
-            Command::new(bin_path("codemantle-control-plane"))
-                .arg("--data-dir")
-                .arg(self.data_dir())
-                .args(["device", "add", name, "--out-key"])
-                .arg(&key_file),
-        );
+        let mut cmd = Command::new(bin_path("codemantle-control-plane"));
+        cmd.arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["device", "add", name, "--out-key"])
+            .arg(&key_file);
+        for (k, v) in labels {
+            cmd.arg("--label").arg(format!("{k}={v}"));
+        }
+        let out = run_ok(&mut cmd);
         let id = out
             .lines()
             .find_map(|l| l.strip_prefix("device id:"))
@@ -210,6 +222,19 @@ pub struct Daemon {
 impl Daemon {
     /// Writes a config for `device` against `ws_url` with a fresh project root, and starts it.
     pub fn start(ws_url: &str, device: &DeviceCredentials) -> Daemon {
+        Daemon::start_with(ws_url, device, |_| String::new())
+    }
+
+    /// [`Daemon::start`] with more configuration: `extra(dir)` gets the daemon's temp dir
+    /// (the project root is `dir/project`, already created) before the daemon starts, may
+    /// prepare files there (a private dir, ownership for `process.run_as`), and returns TOML
+    /// appended to the config. Write only whole sections (`[process]`, `[git]`,
+    /// `[config_push]`): the generated config ends inside `[reconnect]`.
+    pub fn start_with(
+        ws_url: &str,
+        device: &DeviceCredentials,
+        extra: impl FnOnce(&Path) -> String,
+    ) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("project");
         std::fs::create_dir_all(&root).expect("project root");
@@ -217,12 +242,13 @@ impl Daemon {
         std::fs::copy(&device.key_file, &key).expect("copy key");
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let config = dir.path().join("daemon.toml");
+        let extra = extra(dir.path());
         std::fs::write(
             &config,
             format!(
                 "data_dir = {data:?}\n[server]\nurl = {ws_url:?}\n[device]\nid = {id:?}\n\
                  key_file = {key:?}\n[roots]\ncwd = {root:?}\n\
-                 [reconnect]\nbase_ms = 200\ncap_ms = 2000\n",
+                 [reconnect]\nbase_ms = 200\ncap_ms = 2000\n{extra}\n",
                 data = dir.path().join("data").display().to_string(),
                 id = device.id,
                 key = key.display().to_string(),
