@@ -26,6 +26,16 @@
 //! violation. Session-init payloads stay in the applier's
 //! [`crate::config_apply::SessionInitStore`] until their session starts.
 //!
+//! # Sessions
+//!
+//! `si st sq sp sl jk sa` go to the [`SessionManager`] (present only when `opencode` is on
+//! `[process.allowlist]`; without it `si`/`st` answer `sr o:0`, `sq` `sv o:0` and `jk` `jv
+//! o:0`, with `m` "opencode_not_enabled", and `sp`/`sl` an `e INTERNAL`). `si`, `st` and `jk`
+//! go through the idempotency path; `sp` needs none (a re-sent `sp` names a stream that
+//! already exists, and is not prompted again). `sl`'s chunks are queued on the link
+//! ([`Outbound`]); session output itself goes through the manager's durable outbox, not
+//! through here. `sa` acknowledges output and has no reply.
+//!
 //! # Replies and the two codecs
 //!
 //! Handlers build the native reply (errors carry a human-readable `m`). [`shape_reply`] then
@@ -72,7 +82,8 @@ use codemantle_protocol::codec::{self, Codec};
 use codemantle_protocol::error::ErrorCode;
 use codemantle_protocol::message::{
     BranchAction, DirEntry, DirList, DirListing, FsResult, GitBranchResult, GitCommitResult,
-    GitConfigAction, GitConfigResult, GitLog, GitResult, GitStatusResult, Message,
+    GitConfigAction, GitConfigResult, GitLog, GitResult, GitStatusResult, JitKillResult, Message,
+    SessionResult, SessionStatus,
 };
 
 use crate::config_apply::ConfigApplier;
@@ -81,6 +92,7 @@ use crate::git::{GitError, GitRunner};
 use crate::guard::path::{GuardError, RootDir, Roots};
 use crate::journal::{Journal, JournalError};
 use crate::redact::redact_text;
+use crate::session::SessionManager;
 
 /// What a git request is answered with when git is not enabled (native and 0.1.x alike).
 pub const GIT_NOT_ENABLED: &str = "git is not enabled on this host: add git to [process.allowlist]";
@@ -144,6 +156,8 @@ pub struct Dispatcher {
     git: Option<Arc<GitRunner>>,
     /// Config pushes for the `cwd` root; `None` only in tests that do not need it.
     config: Option<Arc<ConfigApplier>>,
+    /// Present when `opencode` is on the process allowlist.
+    sessions: Option<Arc<SessionManager>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -153,6 +167,7 @@ impl std::fmt::Debug for Dispatcher {
             .field("journal", &self.journal)
             .field("git", &self.git)
             .field("config", &self.config)
+            .field("sessions", &self.sessions)
             .finish_non_exhaustive()
     }
 }
@@ -173,7 +188,15 @@ impl Dispatcher {
             in_flight: KeyedLocks::default(),
             git: None,
             config: None,
+            sessions: None,
         }
+    }
+
+    /// Session requests (`si st sq sp sl jk sa`) go to `sessions`. Without it they are
+    /// answered `o:0` (`opencode_not_enabled`) or `e INTERNAL`.
+    pub fn with_sessions(mut self, sessions: Arc<SessionManager>) -> Dispatcher {
+        self.sessions = Some(sessions);
+        self
     }
 
     /// Git requests run through `runner`. Without it they are answered `o:0` with
@@ -380,24 +403,94 @@ impl Dispatcher {
                 }
             },
 
+            // -- Sessions, through the session manager (and so the process guard) -----------
+            Message::StartSession(req) => match &self.sessions {
+                Some(sessions) => self.once(&meta, peer, || sessions.start(req)).await,
+                None => sessions_disabled(Message::SessionResult(SessionResult {
+                    request_id: req.request_id,
+                    session_id: req.session_id,
+                    ok: false,
+                    reason: Some(OPENCODE_NOT_ENABLED.to_owned()),
+                    url: None,
+                })),
+            },
+            Message::StopSession(req) => match &self.sessions {
+                Some(sessions) => self.once(&meta, peer, || sessions.stop(req)).await,
+                None => sessions_disabled(Message::SessionResult(SessionResult {
+                    request_id: req.request_id,
+                    session_id: req.session_id,
+                    ok: false,
+                    reason: Some(OPENCODE_NOT_ENABLED.to_owned()),
+                    url: None,
+                })),
+            },
+            Message::SessionStatusQuery(req) => match &self.sessions {
+                Some(sessions) => sessions.status(req).await,
+                None => sessions_disabled(Message::SessionStatus(SessionStatus {
+                    request_id: req.request_id,
+                    running: false,
+                    session_id: None,
+                    port: None,
+                    pid: None,
+                    url: None,
+                    reason: Some(OPENCODE_NOT_ENABLED.to_owned()),
+                    protection: None,
+                })),
+            },
+            Message::Prompt(req) => match &self.sessions {
+                Some(sessions) => return sessions.prompt(req).await,
+                None => Message::error(
+                    ErrorCode::Internal,
+                    meta.request_id,
+                    Some(OPENCODE_NOT_ENABLED),
+                ),
+            },
+            Message::ReplayLog(req) => match &self.sessions {
+                Some(sessions) => {
+                    let frames = sessions.replay(&req);
+                    match &peer.outbound {
+                        Some(out) => {
+                            for frame in frames {
+                                out.send(frame);
+                            }
+                        }
+                        None => tracing::debug!("sl replay dropped: no link to send it on"),
+                    }
+                    return None;
+                }
+                None => Message::error(
+                    ErrorCode::Internal,
+                    meta.request_id,
+                    Some(OPENCODE_NOT_ENABLED),
+                ),
+            },
+            Message::JitKill(req) => match &self.sessions {
+                Some(sessions) => self.once(&meta, peer, || sessions.kill_switch(req)).await,
+                None => sessions_disabled(Message::JitKillResult(JitKillResult {
+                    request_id: req.request_id,
+                    ok: false,
+                    affected: 0,
+                    message: Some(OPENCODE_NOT_ENABLED.to_owned()),
+                })),
+            },
+
             // -- Known requests this daemon does not carry out yet ---------------------------
-            Message::StartSession(_)
-            | Message::StopSession(_)
-            | Message::SessionStatusQuery(_)
-            | Message::ReplayLog(_)
-            | Message::Prompt(_)
-            | Message::ProxyRequest(_)
-            | Message::SetupStatusQuery(_)
-            | Message::SetupSave(_)
-            | Message::JitKill(_) => Message::error(
-                ErrorCode::Internal,
-                meta.request_id,
-                Some(&format!("not_supported: {}", meta.t)),
-            ),
+            Message::ProxyRequest(_) | Message::SetupStatusQuery(_) | Message::SetupSave(_) => {
+                Message::error(
+                    ErrorCode::Internal,
+                    meta.request_id,
+                    Some(&format!("not_supported: {}", meta.t)),
+                )
+            }
 
             // -- No reply expected ---------------------------------------------------------
-            // Stream acks: there are no streams yet; 0.1.50 ignored them too.
-            Message::StreamAck(_) => return None,
+            // Output acks: the acknowledged chunks leave the journal.
+            Message::StreamAck(ack) => {
+                if let Some(sessions) = &self.sessions {
+                    sessions.ack(&ack);
+                }
+                return None;
+            }
 
             // -- Not a request -------------------------------------------------------------
             Message::Unknown { .. } => Message::error(
@@ -622,6 +715,18 @@ pub fn with_request_id(mut msg: Message, id: u32) -> Message {
         _ => {}
     }
     msg
+}
+
+/// `m` of session replies when `opencode` is not allowlisted.
+pub const OPENCODE_NOT_ENABLED: &str = "opencode_not_enabled";
+
+/// A session reply on a host without sessions (logged, so the operator finds the fix).
+fn sessions_disabled(reply: Message) -> Message {
+    tracing::debug!(
+        t = reply.type_tag(),
+        "session request refused: opencode is not on [process.allowlist]"
+    );
+    reply
 }
 
 /// Make a native reply fit the peer's codec. JSON (0.1.x) peers get `e` without `m`: 0.1.50's

@@ -516,7 +516,7 @@ fn native_handshake_and_dir_listing_over_cbor() {
         };
         assert_eq!((e.request_id, e.code), (Some(9), ErrorCode::Proto));
 
-        // Not implemented yet → e INTERNAL "not_supported: si".
+        // Sessions not enabled (no opencode allowlisted) → a typed `sr o:0`.
         conn.send(&Message::StartSession(StartSession {
             request_id: 10,
             session_id: "s1".to_owned(),
@@ -525,12 +525,12 @@ fn native_handshake_and_dir_listing_over_cbor() {
             idempotency_key: None,
         }))
         .await;
-        let Message::Error(e) = conn.recv_reply().await else {
-            panic!("expected e")
+        let Message::SessionResult(sr) = conn.recv_reply().await else {
+            panic!("expected sr")
         };
         assert_eq!(
-            (e.request_id, e.code, e.message.as_deref()),
-            (Some(10), ErrorCode::Internal, Some("not_supported: si"))
+            (sr.request_id, sr.ok, sr.reason.as_deref()),
+            (10, false, Some("opencode_not_enabled"))
         );
 
         // Pings are answered.
@@ -631,7 +631,7 @@ fn falls_back_to_json_for_a_0_1_x_control_plane() {
             ),
             (
                 r#"{"v":1,"t":"sq","i":12,"p":"."}"#,
-                r#"{"v":1,"t":"e","i":12,"c":"INTERNAL"}"#,
+                r#"{"v":1,"t":"sv","i":12,"o":0,"m":"opencode_not_enabled"}"#,
             ),
             (
                 r#"{"v":1,"t":"zz","i":13}"#,

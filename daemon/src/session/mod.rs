@@ -602,9 +602,11 @@ impl SessionManager {
         }
     }
 
-    /// `sl`: queue the last `l` replay-log lines as `sc` chunks on stream `x` (sent once, not
-    /// journaled: the control plane asks again if the link drops).
-    pub fn replay(&self, req: &ReplayLog) {
+    /// `sl`: the last `l` replay-log lines as `sc` chunks on stream `x`, 0.1.50's way (at most
+    /// 8192 bytes each, `q` from 0, `e:1` on the last; one empty chunk for an empty log). They
+    /// are one-off frames for the requesting link, not journaled: the control plane asks again
+    /// if the link drops.
+    pub fn replay(&self, req: &ReplayLog) -> Vec<Message> {
         let text = self
             .inner
             .registry
@@ -612,7 +614,7 @@ impl SessionManager {
             .join("\n");
         let pieces = split_utf8(&text, stream::MAX_CHUNK_BYTES);
         let n = pieces.len();
-        let frames = pieces
+        pieces
             .into_iter()
             .enumerate()
             .map(|(i, d)| {
@@ -623,8 +625,7 @@ impl SessionManager {
                     data: d.to_owned(),
                 })
             })
-            .collect();
-        self.inner.streams.push_volatile(frames);
+            .collect()
     }
 
     /// `sa`.

@@ -44,8 +44,9 @@
 //! Chunk and record are written in one sled transaction, so a crash never leaves a `q` that
 //! the next chunk would reuse.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use codemantle_protocol::message::{Message, StreamChunk};
 use serde::{Deserialize, Serialize};
@@ -126,12 +127,8 @@ struct ChunkKey {
 #[derive(Debug, Default)]
 struct State {
     next_order: u64,
-    /// Chunks with an order below this are known to be on disk.
-    flushed_below: u64,
     /// What the current link still has to send: order → chunk.
     pending: BTreeMap<u64, ChunkKey>,
-    /// One-off frames (log replays): sent once on the current link, never stored.
-    volatile: VecDeque<Message>,
     usage: HashMap<String, Usage>,
     streams: HashMap<String, StreamRecord>,
 }
@@ -143,6 +140,10 @@ pub struct StreamJournal {
     streams: sled::Tree,
     limits: StreamLimits,
     state: Mutex<State>,
+    /// Chunks with an order below this are known to be on disk.
+    flushed_below: Arc<AtomicU64>,
+    /// A flush is running on the blocking pool.
+    flushing: Arc<AtomicBool>,
     wake_tx: async_channel::Sender<()>,
     wake_rx: async_channel::Receiver<()>,
 }
@@ -209,13 +210,15 @@ impl StreamJournal {
             state.next_order = state.next_order.max(value.order + 1);
             state.pending.insert(value.order, key);
         }
-        state.flushed_below = state.next_order;
+        let flushed_below = Arc::new(AtomicU64::new(state.next_order));
         let (wake_tx, wake_rx) = async_channel::bounded(1);
         Ok(StreamJournal {
             chunks,
             streams,
             limits,
             state: Mutex::new(state),
+            flushed_below,
+            flushing: Arc::new(AtomicBool::new(false)),
             wake_tx,
             wake_rx,
         })
@@ -263,10 +266,9 @@ impl StreamJournal {
         self.lock().usage.get(session).copied().unwrap_or_default()
     }
 
-    /// Chunks the current link has not sent yet (volatile frames included).
+    /// Chunks the current link has not sent yet.
     pub fn queued(&self) -> usize {
-        let state = self.lock();
-        state.pending.len() + state.volatile.len()
+        self.lock().pending.len()
     }
 
     /// Append one event's text (a JSON line, `\n` included) to stream `x`; with `last`, it is
@@ -411,11 +413,9 @@ impl StreamJournal {
         Ok(removed)
     }
 
-    /// A link came up: queue every unacknowledged chunk again, in write order, and forget
-    /// one-off frames meant for the previous link.
+    /// A link came up: queue every unacknowledged chunk again, in write order.
     pub fn link_up(&self) {
         let mut state = self.lock();
-        state.volatile.clear();
         let mut pending = BTreeMap::new();
         for (k, v) in self.chunks.iter().flatten() {
             if let (Some(key), Some(value)) = (decode_key(&k), decode_value(&v)) {
@@ -427,28 +427,19 @@ impl StreamJournal {
         self.wake();
     }
 
-    /// Queue one-off frames (an `sl` replay) for the current link.
-    pub fn push_volatile(&self, frames: Vec<Message>) {
-        self.lock().volatile.extend(frames);
-        self.wake();
-    }
-
-    /// The next frame for the link: one-off frames first, then stored chunks in write order,
-    /// each flushed to disk before it is returned. Waits while there is nothing to send.
-    /// Cancel-safe: a frame is only taken off the queue when it is returned.
+    /// The next frame for the link: stored chunks in write order, each flushed to disk before
+    /// it is returned. Waits while there is nothing to send. Cancel-safe: a chunk is only taken
+    /// off the queue when it is returned.
     pub async fn next_frame(&self) -> Message {
         loop {
-            let flush_up_to = {
+            let needs_flush = {
                 let mut state = self.lock();
-                if let Some(frame) = state.volatile.pop_front() {
-                    return frame;
-                }
                 match state
                     .pending
                     .first_key_value()
                     .map(|(o, k)| (*o, k.clone()))
                 {
-                    Some((order, key)) if order < state.flushed_below => {
+                    Some((order, key)) if order < self.flushed_below.load(Ordering::SeqCst) => {
                         state.pending.remove(&order);
                         if let Some(msg) = self.load(&key) {
                             return msg;
@@ -460,27 +451,40 @@ impl StreamJournal {
                     None => None,
                 }
             };
-            match flush_up_to {
-                Some(upto) => {
-                    let tree = self.chunks.clone();
-                    match smol::unblock(move || tree.flush()).await {
-                        Ok(_) => {
-                            let mut state = self.lock();
-                            state.flushed_below = state.flushed_below.max(upto);
-                        }
-                        Err(e) => {
-                            tracing::error!(
-                                "cannot flush session output to disk ({e}); retrying in 1 s — check the data_dir's disk"
-                            );
-                            smol::Timer::after(std::time::Duration::from_secs(1)).await;
-                        }
-                    }
+            if let Some(upto) = needs_flush {
+                self.start_flush(upto);
+            }
+            let _ = self.wake_rx.recv().await;
+        }
+    }
+
+    /// Flush everything written so far on the blocking pool, unless a flush is running; when it
+    /// is done, chunks below `upto` may be sent. Detached, so a dropped `next_frame` (the link
+    /// picks another event) never loses a flush that was under way.
+    fn start_flush(&self, upto: u64) {
+        if self.flushing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let tree = self.chunks.clone();
+        let flushed_below = Arc::clone(&self.flushed_below);
+        let flushing = Arc::clone(&self.flushing);
+        let wake = self.wake_tx.clone();
+        smol::unblock(move || {
+            match tree.flush() {
+                Ok(_) => {
+                    flushed_below.fetch_max(upto, Ordering::SeqCst);
                 }
-                None => {
-                    let _ = self.wake_rx.recv().await;
+                Err(e) => {
+                    tracing::error!(
+                        "cannot flush session output to disk ({e}); retrying in 1 s — check the data_dir's disk"
+                    );
+                    std::thread::sleep(std::time::Duration::from_secs(1));
                 }
             }
-        }
+            flushing.store(false, Ordering::SeqCst);
+            let _ = wake.try_send(());
+        })
+        .detach();
     }
 
     /// Stored chunk `key` as an `sc`.
@@ -519,6 +523,18 @@ impl StreamJournal {
     pub fn flush(&self) -> Result<(), StreamError> {
         self.chunks.flush()?;
         Ok(())
+    }
+}
+
+impl crate::tunnel::DurableOutbox for StreamJournal {
+    fn link_up(&self) {
+        StreamJournal::link_up(self);
+    }
+
+    fn next_frame(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Message> + Send + '_>> {
+        Box::pin(StreamJournal::next_frame(self))
     }
 }
 
@@ -773,27 +789,6 @@ mod tests {
             sent.iter().map(|c| c.data.as_str()).collect::<String>(),
             big
         );
-    }
-
-    #[test]
-    fn volatile_frames_are_not_resent() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_j, s) = open(dir.path(), StreamLimits::default());
-        s.push_volatile(vec![Message::StreamChunk(StreamChunk {
-            stream_id: "replay0001".into(),
-            seq: 0,
-            last: true,
-            data: String::new(),
-        })]);
-        assert_eq!(frames(&s).len(), 1);
-        s.push_volatile(vec![Message::StreamChunk(StreamChunk {
-            stream_id: "replay0002".into(),
-            seq: 0,
-            last: true,
-            data: String::new(),
-        })]);
-        s.link_up();
-        assert_eq!(s.queued(), 0);
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! One connection: dial (TCP, TLS, WebSocket upgrade), handshake, then serve until it ends.
 //!
 //! The serving loop owns the socket. It waits for whichever comes first — an inbound frame, a
-//! reply from a request task, a change of the announced ports, the heartbeat/liveness timer,
-//! or shutdown — and handles it, so nothing else ever touches the socket. Request handlers run
-//! as their own tasks (at most [`MAX_IN_FLIGHT`] at once) and hand their replies back over a
-//! channel; when the link ends the channel closes and late replies are dropped (their
-//! outcomes are in the journal if they mutated anything, so a re-send is answered).
+//! reply from a request task, a change of the announced ports, a frame of session output from
+//! the durable outbox, the heartbeat/liveness timer, or shutdown — and handles it, so nothing
+//! else ever touches the socket. Request handlers run as their own tasks (at most
+//! [`MAX_IN_FLIGHT`] at once) and hand their replies back over a channel; when the link ends
+//! the channel closes and late replies are dropped (their outcomes are in the journal if they
+//! mutated anything, so a re-send is answered). Session output is pulled from the durable
+//! outbox, which keeps each frame until it is acknowledged, so a frame lost with the link is
+//! sent again on the next one.
 //!
 //! Pongs: tungstenite queues the pong for an inbound ping and writes it on the next read or
 //! write; the loop polls the socket again right after every event, so the pong is flushed
@@ -332,6 +335,11 @@ impl Tunnel {
             announced = ports;
         }
 
+        // Session output the previous link did not get acknowledged goes out again first.
+        if let Some(outbox) = &self.outbox {
+            outbox.link_up();
+        }
+
         let mut last_rx = Instant::now();
         let mut next_beat = Instant::now() + hb;
         loop {
@@ -344,6 +352,12 @@ impl Tunnel {
                 .race(async {
                     self.ports.changed().await;
                     Event::Ports
+                })
+                .race(async {
+                    match &self.outbox {
+                        Some(outbox) => Event::Durable(outbox.next_frame().await),
+                        None => std::future::pending().await,
+                    }
                 })
                 .race(async {
                     smol::Timer::at(wake).await;
@@ -435,6 +449,12 @@ impl Tunnel {
                         return closed(e);
                     }
                 }
+                Event::Durable(frame) => {
+                    if let Err(e) = send_within(&mut ws, &frame, codec, dead_after).await {
+                        // Still in the outbox: the next link sends it again.
+                        return closed(e);
+                    }
+                }
                 Event::Ports => {
                     let ports = self.ports.get();
                     if ports != announced {
@@ -482,6 +502,8 @@ impl Tunnel {
 enum Event {
     Frame(Option<Result<WsMessage, tungstenite::Error>>),
     Reply(Option<Message>),
+    /// A frame from the durable outbox (session output).
+    Durable(Message),
     Ports,
     Timer,
     Shutdown,

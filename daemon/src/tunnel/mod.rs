@@ -46,6 +46,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use codemantle_protocol::codec::Codec;
+use codemantle_protocol::message::Message;
 
 use crate::backoff::Backoff;
 use crate::config::DaemonConfig;
@@ -77,6 +78,21 @@ pub enum TunnelEvent {
 
 /// Called for every [`TunnelEvent`], from the tunnel's task; keep it quick.
 pub type EventHook = Arc<dyn Fn(&TunnelEvent) + Send + Sync>;
+
+/// Frames the daemon sends on its own initiative and keeps until the control plane
+/// acknowledges them (session output `sc`, acknowledged by `sa`; see
+/// [`crate::session::stream`]). The link pulls from it while it is up, so frames produced
+/// while no link is up simply wait, and a new link starts by re-sending what the last one did
+/// not get acknowledged.
+pub trait DurableOutbox: Send + Sync {
+    /// A link is up (handshake done): queue every unacknowledged frame again, in order.
+    fn link_up(&self);
+    /// The next frame to send; waits while there is none. Cancel-safe: a frame is taken off
+    /// the queue only when the future returns it.
+    fn next_frame(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Message> + Send + '_>>;
+}
 
 /// Why the tunnel could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +189,8 @@ pub struct Tunnel {
     json_only: AtomicBool,
     started: Instant,
     hook: EventHook,
+    /// Session output waiting for the link ([`Tunnel::with_outbox`]).
+    outbox: Option<Arc<dyn DurableOutbox>>,
 }
 
 impl std::fmt::Debug for Tunnel {
@@ -220,7 +238,15 @@ impl Tunnel {
             json_only: AtomicBool::new(false),
             started,
             hook,
+            outbox: None,
         })
+    }
+
+    /// Send `outbox`'s frames on every link, re-sending the unacknowledged ones after each
+    /// (re)connect.
+    pub fn with_outbox(mut self, outbox: Arc<dyn DurableOutbox>) -> Tunnel {
+        self.outbox = Some(outbox);
+        self
     }
 
     /// The announced ports (for whoever opens them).
