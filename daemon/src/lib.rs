@@ -15,6 +15,8 @@
 //! - [`config_apply`]: config pushes (`cc`): digest, device-key signature, policy modes, apply
 //!   path allowlist, atomic write with `.prev` rollback; session-init payloads kept per folder.
 //! - [`fs`]: list (sorted, paged), mkdir, rmdir (recursive by fd), rename (no-overwrite default).
+//! - [`git`]: the `g*` requests through the process guard (fixed argv, hardening prefix, input
+//!   checked before git starts, `gq` lines redacted); enabled by allowlisting git.
 //! - [`journal`]: sled-backed offline state; idempotency outcomes that survive restarts.
 //! - [`backoff`]: sans-io reconnect delays with full jitter and an auth-rejected mode.
 //! - [`redact`]: secret-name patterns and redaction for logs and `Debug`.
