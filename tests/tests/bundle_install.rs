@@ -15,8 +15,7 @@ fn repo() -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("command runs");
-    out
+    cmd.output().expect("command runs")
 }
 
 fn ok(cmd: &mut Command) -> String {
