@@ -218,6 +218,9 @@ pub struct SessionInfo {
     pub protection: String,
     pub stream: Option<String>,
     pub jit_expires_at_ms: Option<u64>,
+    /// OpenCode's event stream is subscribed right now (after a restart or an OpenCode hiccup
+    /// it is re-subscribed in the background).
+    pub events_connected: bool,
 }
 
 type PortsHook = Box<dyn Fn(Vec<u16>) + Send + Sync>;
@@ -257,6 +260,8 @@ struct Live {
     secrets: Vec<String>,
     /// Set when the daemon is ending it, so the exit watcher records why.
     stopping: Option<String>,
+    /// OpenCode's event stream is subscribed (output is being captured).
+    events_up: Arc<std::sync::atomic::AtomicBool>,
     /// Dropped with the session: its background tasks end.
     _stop: async_channel::Sender<()>,
 }
@@ -336,6 +341,7 @@ impl SessionManager {
                 protection: l.record.protection.clone(),
                 stream: l.record.stream.clone(),
                 jit_expires_at_ms: l.record.jit.as_ref().map(|j| j.expires_at_ms),
+                events_connected: l.events_up.load(Ordering::SeqCst),
             })
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -752,6 +758,18 @@ impl SessionManager {
     }
 }
 
+/// What a running session's background tasks need.
+struct SessionTasks {
+    client: OpenCodeClient,
+    process: ProcessId,
+    /// Already subscribed (a fresh start subscribes before replying `sr`).
+    events: Option<EventStream>,
+    events_up: Arc<std::sync::atomic::AtomicBool>,
+    /// Our own child (reaped, exit status known); `None` for a re-adopted process.
+    child: Option<GuardedChild>,
+    stop: async_channel::Receiver<()>,
+}
+
 /// What `si` does about an existing session.
 enum Reuse {
     Existing(Box<SessionRecord>),
@@ -971,6 +989,7 @@ impl Inner {
             Some(id),
         );
         let (stop_tx, stop_rx) = async_channel::bounded::<()>(1);
+        let events_up = Arc::new(std::sync::atomic::AtomicBool::new(true));
         self.lock_live().insert(
             id.to_owned(),
             Live {
@@ -978,10 +997,19 @@ impl Inner {
                 client: client.clone(),
                 secrets,
                 stopping: None,
+                events_up: Arc::clone(&events_up),
                 _stop: stop_tx,
             },
         );
-        self.spawn_tasks(id, client, process, Some(events), Some(child), stop_rx);
+        let tasks = SessionTasks {
+            client,
+            process,
+            events: Some(events),
+            events_up,
+            child: Some(child),
+            stop: stop_rx,
+        };
+        self.spawn_tasks(id, tasks);
         self.ports_changed();
         Ok(record)
     }
@@ -1042,15 +1070,15 @@ impl Inner {
 
     /// The background work of a running session: its event reader and its exit watcher. Both
     /// end when the session's `stop` sender is dropped (or the manager is gone).
-    fn spawn_tasks(
-        self: &Arc<Self>,
-        id: &str,
-        client: OpenCodeClient,
-        process: ProcessId,
-        events: Option<EventStream>,
-        child: Option<GuardedChild>,
-        stop: async_channel::Receiver<()>,
-    ) {
+    fn spawn_tasks(self: &Arc<Self>, id: &str, tasks: SessionTasks) {
+        let SessionTasks {
+            client,
+            process,
+            events,
+            events_up,
+            child,
+            stop,
+        } = tasks;
         let weak = Arc::downgrade(self);
         let stopped = {
             let stop = stop.clone();
@@ -1058,8 +1086,15 @@ impl Inner {
                 let _ = stop.recv().await;
             }
         };
-        smol::spawn(pump_events(weak.clone(), id.to_owned(), client, process, events).or(stopped))
-            .detach();
+        let pump = pump_events(
+            weak.clone(),
+            id.to_owned(),
+            client,
+            process,
+            events,
+            events_up,
+        );
+        smol::spawn(pump.or(stopped)).detach();
         let sid = id.to_owned();
         let watch = async move {
             let exit = match child {
@@ -1242,6 +1277,7 @@ impl Inner {
             if !process.is_alive() {
                 tracing::warn!(session = %record.id, pid = record.pid, "session's opencode is gone (ended while the daemon was down)");
                 let (stop_tx, _) = async_channel::bounded(1);
+                let events_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
                 let id = record.id.clone();
                 self.lock_live().insert(
                     id.clone(),
@@ -1254,6 +1290,7 @@ impl Inner {
                         secrets: vec![record.password.clone()],
                         record,
                         stopping: None,
+                        events_up: Arc::clone(&events_up),
                         _stop: stop_tx,
                     },
                 );
@@ -1266,6 +1303,7 @@ impl Inner {
             let id = record.id.clone();
             let has_stream = record.stream.is_some();
             let (stop_tx, stop_rx) = async_channel::bounded(1);
+            let events_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
             self.lock_live().insert(
                 id.clone(),
                 Live {
@@ -1273,6 +1311,7 @@ impl Inner {
                     secrets: vec![record.password.clone()],
                     record,
                     stopping: None,
+                    events_up: Arc::clone(&events_up),
                     _stop: stop_tx,
                 },
             );
@@ -1282,7 +1321,15 @@ impl Inner {
                     "the daemon restarted; events while it was down are missing",
                 );
             }
-            self.spawn_tasks(&id, client, process, None, None, stop_rx);
+            let tasks = SessionTasks {
+                client,
+                process,
+                events: None,
+                events_up,
+                child: None,
+                stop: stop_rx,
+            };
+            self.spawn_tasks(&id, tasks);
         }
         if let Err(e) = self.registry.flush() {
             tracing::warn!("cannot flush the session registry: {e}");
@@ -1298,6 +1345,7 @@ async fn pump_events(
     client: OpenCodeClient,
     process: ProcessId,
     first: Option<EventStream>,
+    events_up: Arc<std::sync::atomic::AtomicBool>,
 ) {
     let mut next = first;
     let mut connected_before = next.is_some();
@@ -1335,6 +1383,7 @@ async fn pump_events(
             },
         };
         connected_before = true;
+        events_up.store(true, Ordering::SeqCst);
         delay = Duration::from_millis(200);
         loop {
             match events.next().await {
@@ -1349,6 +1398,7 @@ async fn pump_events(
                 }
             }
         }
+        events_up.store(false, Ordering::SeqCst);
         if !process.is_alive() {
             return;
         }

@@ -152,8 +152,20 @@ impl World {
         }
     }
 
+    /// Open the journal. After a simulated restart, background work of the dropped manager
+    /// (a flush on the blocking pool) may hold sled's lock for a moment: retry briefly.
     pub fn journal(&self) -> Journal {
-        Journal::open(&self.data_dir, 3600).expect("journal")
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Journal::open(&self.data_dir, 3600) {
+                Ok(j) => return j,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("journal busy ({e}); retrying");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("journal: {e}"),
+            }
+        }
     }
 
     /// A session manager over `journal` with the system clock.
