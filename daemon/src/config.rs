@@ -51,6 +51,9 @@
 //! [git]                               # how git requests run; see `config::git`
 //! timeout_s = 120
 //!
+//! [session]                           # how OpenCode sessions run; see `config::session`
+//! port_range = "4100-4199"
+//!
 //! [log]
 //! format = "text"                       # or "json"
 //! level = "info"                        # tracing filter; RUST_LOG overrides
@@ -63,7 +66,7 @@
 //! `CODEMANTLE_RECONNECT_STABLE_AFTER_S`, `CODEMANTLE_HANDSHAKE_TIMEOUT_S`,
 //! `CODEMANTLE_IDEMPOTENCY_RETENTION_S`, `CODEMANTLE_EXPOSED_PORTS` (comma-separated, e.g.
 //! `3000,8080`), `CODEMANTLE_LOG_FORMAT`, `CODEMANTLE_LOG_LEVEL`, and those of the
-//! `[process]`, `[config_push]` and `[git]` sections (listed in their modules)
+//! `[process]`, `[config_push]`, `[git]` and `[session]` sections (listed in their modules)
 //! (and `CODEMANTLE_CONFIG` for the file's path, read by `main`). An empty variable counts as
 //! unset. Other `CODEMANTLE_*` variables are reported as warnings, not errors, because the
 //! operator CLI shares the prefix.
@@ -85,9 +88,11 @@ use crate::redact::{Secret, redact_text};
 pub mod config_push;
 pub mod git;
 pub mod process;
+pub mod session;
 
 pub use git::GitSettings;
 pub use process::ProcessConfig;
+pub use session::SessionConfig;
 
 /// Where the config file is read from unless `--config`/`CODEMANTLE_CONFIG` say otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/codemantle/daemon.toml";
@@ -275,6 +280,9 @@ pub struct DaemonConfig {
     pub config_push: crate::config_apply::ApplySettings,
     /// `[git]`: how git requests run ([`git`]); only used when `git` is allowlisted.
     pub git: GitSettings,
+    /// `[session]`: how OpenCode sessions run ([`session`]); only used when `opencode` is
+    /// allowlisted.
+    pub session: SessionConfig,
 }
 
 /// Most ports `exposed_ports` may list (0.1.50 reported at most 24).
@@ -424,6 +432,39 @@ const KEYS: &[KeyDef] = &[
         key: "git.allow_ssh",
         env: "CODEMANTLE_GIT_ALLOW_SSH",
     },
+    // `[session]` (see the `session` module).
+    KeyDef {
+        key: "session.port_range",
+        env: "CODEMANTLE_SESSION_PORT_RANGE",
+    },
+    KeyDef {
+        key: "session.connect_ports",
+        env: "CODEMANTLE_SESSION_CONNECT_PORTS",
+    },
+    KeyDef {
+        key: "session.start_timeout_s",
+        env: "CODEMANTLE_SESSION_START_TIMEOUT_S",
+    },
+    KeyDef {
+        key: "session.request_timeout_s",
+        env: "CODEMANTLE_SESSION_REQUEST_TIMEOUT_S",
+    },
+    KeyDef {
+        key: "session.stop_grace_s",
+        env: "CODEMANTLE_SESSION_STOP_GRACE_S",
+    },
+    KeyDef {
+        key: "session.journal_max_bytes",
+        env: "CODEMANTLE_SESSION_JOURNAL_MAX_BYTES",
+    },
+    KeyDef {
+        key: "session.journal_max_chunks",
+        env: "CODEMANTLE_SESSION_JOURNAL_MAX_CHUNKS",
+    },
+    KeyDef {
+        key: "session.jit_env_allowlist",
+        env: "CODEMANTLE_SESSION_JIT_ENV_ALLOWLIST",
+    },
 ];
 
 /// Env variables with the prefix that are not settings but are known (not warned about).
@@ -513,7 +554,10 @@ impl Layer {
                 continue;
             }
             if let toml::Value::Array(items) = &v {
-                if process::is_list_key(&key) || config_push::is_list_key(&key) {
+                if process::is_list_key(&key)
+                    || config_push::is_list_key(&key)
+                    || session::is_list_key(&key)
+                {
                     let raw = process::list_from_toml(items);
                     let source = Source::File;
                     self.settings.insert(key, Setting { raw, source });
@@ -531,6 +575,7 @@ impl Layer {
                     | "process"
                     | "config_push"
                     | "git"
+                    | "session"
             ) && prefix.is_empty();
             match (is_section, v) {
                 (true, toml::Value::Table(t)) => self.walk_table(&key, t, problems),
@@ -612,7 +657,7 @@ fn unknown_key(key: &str) -> Problem {
         .map(|d| d.key)
         .collect();
     let fix = if known.is_empty() {
-        "remove it or check the spelling; sections are [server], [device], [roots], [reconnect], [idempotency], [log], [process], [config_push], [git]".to_owned()
+        "remove it or check the spelling; sections are [server], [device], [roots], [reconnect], [idempotency], [log], [process], [config_push], [git], [session]".to_owned()
     } else {
         format!(
             "remove it or check the spelling; known keys here: {}",
@@ -1117,6 +1162,7 @@ fn validate(layer: Layer) -> (Option<DaemonConfig>, Vec<Problem>, Vec<Problem>) 
     let process = process::validate_process(&mut v, &roots, data_dir.as_deref());
     let config_push = config_push::validate_config_push(&mut v);
     let git = git::validate_git(&mut v, &process);
+    let session = session::validate_session(&mut v, &process);
 
     let format = match v.string("log.format") {
         None => LogFormat::Text,
@@ -1175,6 +1221,7 @@ fn validate(layer: Layer) -> (Option<DaemonConfig>, Vec<Problem>, Vec<Problem>) 
             process,
             config_push,
             git,
+            session,
         }),
         _ => None,
     };

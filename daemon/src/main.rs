@@ -1,6 +1,7 @@
 //! `codemantle-daemon`: load and check the configuration, set up logging, open the host-side
-//! pieces (roots, journal, device key, config applier, and the process guard and git when
-//! programs are allowlisted), then run the tunnel until SIGTERM/SIGINT.
+//! pieces (roots, journal, device key, config applier, and the process guard, git and OpenCode
+//! sessions when programs are allowlisted), then run the tunnel until SIGTERM/SIGINT.
+//! Sessions outlive the daemon: a stop leaves OpenCode running, and the next start re-adopts it.
 //!
 //! systemd (`Type=notify`): `READY=1` once the configuration, key, roots and journal are open
 //! (before the first dial: an unreachable control plane is not a failed start, the daemon keeps
@@ -29,6 +30,7 @@ use codemantle_daemon::git::{GIT_PROGRAM, GitRunner};
 use codemantle_daemon::guard::path::{RootDir, Roots};
 use codemantle_daemon::guard::process::{ProcessGuard, level_offered};
 use codemantle_daemon::journal::Journal;
+use codemantle_daemon::session::{OPENCODE_PROGRAM, SessionManager, SystemClock};
 use codemantle_daemon::tunnel::{self, Tunnel, TunnelEvent};
 use codemantle_protocol::codec::Codec;
 use codemantle_sd_notify::Notifier;
@@ -195,11 +197,13 @@ fn start(config: DaemonConfig, started: Instant) -> anyhow::Result<ExitCode> {
         &config.data_dir,
         config.idempotency.retention_s,
     )?);
-    let mut dispatcher = Dispatcher::new(Arc::new(roots), Arc::clone(&journal))
+    let roots = Arc::new(roots);
+    let mut dispatcher = Dispatcher::new(Arc::clone(&roots), Arc::clone(&journal))
         .with_config_applier(Arc::new(config_applier(&config, &key, &journal)?));
-    match process_guard(&config)? {
+    let guard = process_guard(&config)?;
+    match &guard {
         Some(guard) if guard.programs().any(|p| p == GIT_PROGRAM) => {
-            let runner = GitRunner::new(guard)
+            let runner = GitRunner::new(Arc::clone(guard))
                 .with_timeout(config.git.timeout())
                 .with_url_policy(config.git.url_policy());
             tracing::info!(
@@ -212,6 +216,29 @@ fn start(config: DaemonConfig, started: Instant) -> anyhow::Result<ExitCode> {
         }
         _ => tracing::info!("git is off: git requests are answered \"{GIT_NOT_ENABLED}\""),
     }
+    let sessions = match &guard {
+        Some(guard) if guard.programs().any(|p| p == OPENCODE_PROGRAM) => {
+            let manager = SessionManager::open(
+                config.session.settings(),
+                Arc::clone(&roots),
+                Arc::clone(guard),
+                &journal,
+                Arc::new(SystemClock),
+            )?;
+            tracing::info!(
+                port_range = ?config.session.port_range,
+                re_adopted = manager.sessions().len(),
+                "sessions enabled"
+            );
+            let manager = Arc::new(manager);
+            dispatcher = dispatcher.with_sessions(Arc::clone(&manager));
+            Some(manager)
+        }
+        _ => {
+            tracing::info!("sessions are off: add opencode to [process.allowlist] to enable them");
+            None
+        }
+    };
     let dispatcher = Arc::new(dispatcher);
 
     let config = Arc::new(config);
@@ -225,7 +252,19 @@ fn start(config: DaemonConfig, started: Instant) -> anyhow::Result<ExitCode> {
             }
         })
     };
-    let tunnel = Tunnel::new(Arc::clone(&config), key, dispatcher, started, status_hook)?;
+    let mut tunnel = Tunnel::new(Arc::clone(&config), key, dispatcher, started, status_hook)?;
+    if let Some(sessions) = &sessions {
+        // Session output goes out over every link until acknowledged; session ports are
+        // announced (`pl`) next to the configured ones.
+        tunnel = tunnel.with_outbox(sessions.streams());
+        let ports = tunnel.exposed_ports();
+        let configured = config.exposed_ports.clone();
+        let announce = move |session_ports: Vec<u16>| {
+            ports.set(configured.iter().copied().chain(session_ports).collect());
+        };
+        announce(sessions.ports());
+        sessions.on_ports_changed(announce);
+    }
     let mut signals =
         async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])?;
     let (trigger, shutdown) = tunnel::shutdown_pair();
@@ -254,9 +293,16 @@ fn start(config: DaemonConfig, started: Instant) -> anyhow::Result<ExitCode> {
                 None => std::future::pending::<()>().await,
             }
         };
+        // JIT expiry and revocations are enforced every second.
+        let sweeper = async {
+            match &sessions {
+                Some(sessions) => sessions.run_sweeper().await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         futures_lite::future::or(
             tunnel.run(shutdown),
-            futures_lite::future::or(stop_on_signal, watchdog),
+            futures_lite::future::or(stop_on_signal, futures_lite::future::or(watchdog, sweeper)),
         )
         .await;
     });
