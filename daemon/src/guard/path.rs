@@ -586,6 +586,8 @@ fn openat2(dirfd: BorrowedFd<'_>, path: &str, flags: OFlag, mode: Mode) -> Resul
             )
         };
         if ret >= 0 {
+            // `ret` is a c_long: i64 on 64-bit targets, i32 on 32-bit ARM.
+            #[allow(irrefutable_let_patterns)]
             let Ok(raw) = i32::try_from(ret) else {
                 return Err(Errno::EOVERFLOW);
             };

@@ -697,15 +697,18 @@ impl ProcessGuard {
         })
     }
 
-    fn rlimits(&self) -> [Option<(Resource, u64)>; MAX_RLIMITS] {
+    /// The limits in the kernel's `rlim_t`, which is 32 bits on 32-bit ARM: a configured value
+    /// that does not fit saturates to `RLIM_INFINITY`'s neighbour (the type's maximum).
+    fn rlimits(&self) -> [Option<(Resource, child::RlimT)>; MAX_RLIMITS] {
         let l = &self.config.limits;
+        let fit = |v: u64| child::RlimT::try_from(v).unwrap_or(child::RlimT::MAX);
         [
             Some((Resource::RLIMIT_CORE, 0)),
-            Some((Resource::RLIMIT_NOFILE, l.max_open_files)),
-            Some((Resource::RLIMIT_NPROC, l.max_processes)),
+            Some((Resource::RLIMIT_NOFILE, fit(l.max_open_files))),
+            Some((Resource::RLIMIT_NPROC, fit(l.max_processes))),
             l.max_address_space_mb
-                .map(|mb| (Resource::RLIMIT_AS, mb.saturating_mul(1 << 20))),
-            l.max_cpu_seconds.map(|s| (Resource::RLIMIT_CPU, s)),
+                .map(|mb| (Resource::RLIMIT_AS, fit(mb.saturating_mul(1 << 20)))),
+            l.max_cpu_seconds.map(|s| (Resource::RLIMIT_CPU, fit(s))),
             None,
         ]
     }

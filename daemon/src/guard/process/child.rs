@@ -36,6 +36,9 @@ use std::os::fd::RawFd;
 
 use nix::sys::resource::Resource;
 
+/// The kernel's rlimit value type (`u32` on 32-bit ARM, `u64` elsewhere).
+pub(crate) type RlimT = nix::sys::resource::rlim_t;
+
 /// Most rlimits set in the child.
 pub(crate) const MAX_RLIMITS: usize = 6;
 
@@ -93,7 +96,7 @@ impl ChildStep {
 /// `spawn` returns.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ChildSetup {
-    pub rlimits: [Option<(Resource, u64)>; MAX_RLIMITS],
+    pub rlimits: [Option<(Resource, RlimT)>; MAX_RLIMITS],
     /// `(uid, gid)` to switch to; `None` when the daemon is not root (it runs as itself).
     pub drop_to: Option<(u32, u32)>,
     pub cwd_fd: RawFd,
