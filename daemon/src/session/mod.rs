@@ -6,7 +6,9 @@
 //! the same folder reuses it), started by the [`SessionManager`] through the process guard:
 //! allowlist name `opencode`, the fixed argv `serve --hostname 127.0.0.1 --port <port>`, the
 //! folder (opened through the path guard) as its only writable tree besides its private `HOME`
-//! and `TMPDIR`, landlock allowing it to **bind only its own port** and connect only to the
+//! and `TMPDIR` (one pair per folder under `process.private_dir`, so OpenCode's own history
+//! survives a restart of its server), landlock allowing it to **bind only its own port** and
+//! connect only to the
 //! configured ports, as the unprivileged `run_as` user. Its API is protected by a fresh random
 //! `OPENCODE_SERVER_PASSWORD` per session (0.1.50 left it open to every local user); the daemon
 //! talks to it with that password over [`http`].
@@ -74,6 +76,11 @@
 //!   prints only its start line).
 //! - JIT values of a re-adopted session are no longer scrubbed from its output (the token is
 //!   never stored); its password still is.
+//! - Session-init payloads accepted by `cc` (providers, routing, MCP tools) are not applied to
+//!   OpenCode yet; they wait in the config applier's store.
+//! - Starts are serialised (port choice and per-folder reuse must see each other), so a slow
+//!   OpenCode start delays other starts up to `start_timeout_s`.
+//! - Private homes are kept after a session ends (OpenCode's history); nothing prunes them.
 
 pub mod http;
 pub mod registry;
@@ -857,6 +864,7 @@ impl Inner {
         dir: OwnedFd,
         credential: Option<jit::JitCredential>,
     ) -> Result<SessionRecord, StartFailure> {
+        let record_folder = folder.clone();
         let directory = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))
             .map(|p| p.display().to_string())
             .unwrap_or_default();
@@ -894,7 +902,7 @@ impl Inner {
             connect_ports: self.settings.connect_ports.clone(),
         };
         let guard = Arc::clone(&self.guard);
-        let key = id.to_owned();
+        let key = private_key(&record_folder);
         let spawned = smol::unblock(move || {
             let private = guard.private_dirs(&key)?;
             guard.spawn(SpawnSpec {
@@ -1557,6 +1565,16 @@ fn editor_url(record: &SessionRecord) -> Option<String> {
     Some(url)
 }
 
+/// The private `HOME`/`TMPDIR` key of a folder: OpenCode keeps its own state (conversation
+/// history, config, caches) in `HOME`, so one home per folder lets a restarted server for the
+/// same folder find its history, while different folders never share one.
+fn private_key(folder: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(folder.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("opencode-{hex}")
+}
+
 /// 32 random bytes, base64url: a per-session password.
 fn random_secret() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; 32];
@@ -1631,6 +1649,15 @@ mod tests {
         assert!(!valid_opencode_id("ses"));
         assert!(!valid_opencode_id("abc"));
         assert!(!valid_opencode_id("ses/../x"));
+    }
+
+    #[test]
+    fn private_keys_are_plain_names_per_folder() {
+        let a = private_key("proj-a");
+        assert_eq!(a.len(), "opencode-".len() + 32);
+        assert!(a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        assert_eq!(a, private_key("proj-a"));
+        assert_ne!(a, private_key("proj-b"));
     }
 
     #[test]
