@@ -547,10 +547,17 @@ impl SessionManager {
         }
         let error = |why: String| {
             tracing::warn!(stream = %x, session = %req.session_id, "prompt failed: {why}");
+            // `e.m` holds at most 256 characters.
+            let full = redact_text(&why);
+            let m = if full.chars().count() > 255 {
+                full.chars().take(254).collect::<String>() + "…"
+            } else {
+                full
+            };
             Some(Message::error(
                 ErrorCode::Internal,
                 Some(req.request_id),
-                Some(&why),
+                Some(&m),
             ))
         };
         let target = inner.resolve(&req.session_id).and_then(|id| {
