@@ -38,7 +38,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use nix::dir::{Dir, Type};
+use nix::dir::Type;
+
+use crate::guard::dirents::DirReader;
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{FileStat, Mode, SFlag};
@@ -109,15 +111,14 @@ pub fn list_dir(
 
     let fd = root.open_dir(&rel)?;
     let stat_fd = fd.try_clone().map_err(|e| io_error("dup", &rel, &e))?;
-    let mut dir =
-        Dir::from_fd(fd).map_err(|e| GuardError::from_errno("opendir", &rel.to_string(), e))?;
+    let mut dir = DirReader::new(fd);
 
     let mut listing = Listing::default();
     // Max-heap of the smallest `limit` candidate names seen so far.
     let mut page: BinaryHeap<Vec<u8>> = BinaryHeap::with_capacity(limit + 1);
     let mut more = false;
     let mut undecided: Vec<Vec<u8>> = Vec::new();
-    for entry in dir.iter() {
+    for entry in dir.by_ref() {
         let entry = entry.map_err(|e| GuardError::from_errno("readdir", &rel.to_string(), e))?;
         let name = entry.file_name().to_bytes();
         if name == b"." || name == b".." {
@@ -440,7 +441,7 @@ fn empty_dir(dir: &OwnedFd, shown: &str, dev: libc::dev_t, depth: usize) -> Resu
 }
 
 fn read_names(dir: &OwnedFd, shown: &str) -> Result<Vec<CString>, GuardError> {
-    let mut d = Dir::openat(
+    let fd = nix::fcntl::openat(
         dir,
         c".",
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
@@ -448,7 +449,7 @@ fn read_names(dir: &OwnedFd, shown: &str) -> Result<Vec<CString>, GuardError> {
     )
     .map_err(|e| GuardError::from_errno("opendir", shown, e))?;
     let mut names = Vec::new();
-    for entry in d.iter() {
+    for entry in DirReader::new(fd) {
         let entry = entry.map_err(|e| GuardError::from_errno("readdir", shown, e))?;
         let name = entry.file_name();
         if name == c"." || name == c".." {

@@ -827,9 +827,7 @@ fn open_target(root: &RootDir, path: &str) -> Result<std::os::fd::OwnedFd, GitEr
 
 fn dir_is_empty(root: &RootDir, rel: &RelPath) -> Result<bool, GitError> {
     let fd = root.open_dir(rel)?;
-    let mut dir = nix::dir::Dir::from_fd(fd)
-        .map_err(|e| GuardError::from_errno("opendir", &rel.to_string(), e))?;
-    for entry in dir.iter() {
+    for entry in crate::guard::dirents::DirReader::new(fd) {
         let entry = entry.map_err(|e| GuardError::from_errno("readdir", &rel.to_string(), e))?;
         let name = entry.file_name().to_bytes();
         if name != b"." && name != b".." {

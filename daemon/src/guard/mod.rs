@@ -8,9 +8,11 @@
 //! - [`path`]: root-confined file access. Paths are resolved by the kernel *from an open root
 //!   directory fd* (`openat2` with `RESOLVE_BENEATH`), never by string checks on real paths, so
 //!   there is no window between "checked" and "used".
+//! - [`dirents`]: directory listing via `getdents64` (64-bit safe on 32-bit ARM too).
 //! - [`process`]: the only way to start a program: allowlisted by absolute path, own session,
 //!   unprivileged user, rlimits, clean environment, landlock sandbox; identity by (pid, start
 //!   time) so a restarted daemon never signals a recycled pid.
 
+pub mod dirents;
 pub mod path;
 pub mod process;
