@@ -45,6 +45,7 @@ pub mod sdnotify;
 pub mod secrets;
 pub mod semver;
 pub mod store;
+pub mod streams;
 pub mod templates;
 pub mod time;
 pub mod tunnel;

@@ -225,6 +225,7 @@ impl App {
             Route::SessionSnapshot(sid) => {
                 sessions::snapshot(&self, &principal, &parts, body, &sid).await
             }
+            Route::SessionStream(sid) => sessions::stream(&self, &principal, &parts, &sid).await,
             Route::TemplatesList => templates::list(&self, &principal).await,
             Route::TemplatesPublish => templates::publish(&self, &principal, &parts, body).await,
             Route::TemplateSchema => templates::schema(&principal),

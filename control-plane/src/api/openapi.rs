@@ -365,6 +365,26 @@ fn device_routes(doc: &mut Value) {
                 "504": err("`snapshot_timeout`") } } }),
     );
     paths.insert(
+        "/sessions/{sessionId}/stream".into(),
+        json!({ "get": {
+            "summary": "The output of one prompt, live and resumable (operator, SSE)",
+            "description": "One stream per prompt: `POST /devices/{id}/prompt` returns its stream id `x`; \
+follow it with `GET /sessions/{sessionId}/stream?x=<x>` (without `x`: the session's latest prompt sent through \
+this control plane). Events: `chunk` (`id: <seq>`, data `{q, d}`: `d` is the chunk text as the daemon sent it, \
+newline-delimited OpenCode events possibly split across chunks); `truncated` (`id: <to>`, data `{from, to}`: \
+chunks no longer held — evicted from the bounded per-stream buffer, or acknowledged before a control-plane \
+restart); `end` (data `{q}`: the last seq), after which the response ends. Resume with `Last-Event-ID` (or \
+`after`): every chunk after that seq exactly once, in order.",
+            "parameters": [
+                { "name": "sessionId", "in": "path", "required": true, "schema": { "type": "string" } },
+                { "name": "x", "in": "query", "description": "stream id returned by the prompt route", "schema": { "type": "string" } },
+                { "name": "after", "in": "query", "description": "resume after this chunk seq (the `Last-Event-ID` header wins)", "schema": { "type": "integer", "minimum": 0 } } ],
+            "responses": {
+                "200": { "description": "`text/event-stream`", "content": { "text/event-stream": { "schema": { "type": "string" } } } },
+                "400": err("`invalid_last_event_id`, `invalid_stream_id`, `invalid_session_id`"),
+                "404": err("`stream_not_found` (unknown session or stream, or another tenant's)") } } }),
+    );
+    paths.insert(
         "/config/templates".into(),
         json!({
             "get": { "summary": "Published templates (viewer): {templates:[template]}",
@@ -458,6 +478,7 @@ mod tests {
             "/events/stream",
             "/devices/{id}/config/status/{requestId}",
             "/session/{sessionId}/snapshot",
+            "/sessions/{sessionId}/stream",
             "/config/templates",
             "/config/template/schema",
             "/config/templates/{templateId}/compile",

@@ -27,6 +27,8 @@ pub enum Route {
     ConfigStatus(String, String),
     /// `GET /session/:sessionId/snapshot`.
     SessionSnapshot(String),
+    /// `GET /sessions/:sessionId/stream`: a prompt's output (SSE).
+    SessionStream(String),
     TemplatesList,
     TemplatesPublish,
     /// `GET /config/template/schema`.
@@ -188,6 +190,12 @@ pub fn route(method: &Method, segments: &[String]) -> Route {
             ),
             None => Route::NotFound,
         },
+        ["sessions", sid, "stream"] => only(
+            m,
+            &Method::GET,
+            Route::SessionStream((*sid).to_owned()),
+            "GET",
+        ),
         ["session", sid, "snapshot"] => only(
             m,
             &Method::GET,
@@ -287,6 +295,10 @@ mod tests {
         assert_eq!(
             r(Method::GET, "/session/ses_1/snapshot"),
             Route::SessionSnapshot("ses_1".into())
+        );
+        assert_eq!(
+            r(Method::GET, "/sessions/ses_1/stream"),
+            Route::SessionStream("ses_1".into())
         );
         assert_eq!(
             r(Method::GET, "/config/template/schema"),

@@ -395,6 +395,13 @@ pub async fn prompt(cmd: &Command<'_>) -> Result<Response<Body>, ApiError> {
     };
     validate(build)?;
     let stream_id = &stream_id;
+    // Before sending: the output may arrive before this handler returns.
+    cmd.app.hub.streams.register(
+        &cmd.principal.tenant,
+        cmd.device.id(),
+        stream_id,
+        &session_id,
+    );
     cmd.run(true, |key| async move {
         let sent = cmd
             .app
@@ -482,6 +489,171 @@ pub async fn snapshot(
         "e": log_entries(&text, crate::time::now_ms()),
     });
     Ok(json_response(StatusCode::OK, &body))
+}
+
+/// Chunks formatted per wake-up of an SSE reader.
+const STREAM_BATCH: usize = 64;
+
+/// `GET /sessions/:sessionId/stream?x=<stream id>&after=<seq>` (operator): the output of one
+/// prompt as `text/event-stream`. `x` is the stream id `POST /devices/:id/prompt` returned
+/// (default: the session's most recent prompt through this control plane). Events:
+/// - `chunk` (`id: <seq>`): `data: {"q": seq, "d": text}` — the chunk text as the daemon sent
+///   it (newline-delimited OpenCode events, possibly split across chunks), JSON-wrapped because
+///   it contains newlines;
+/// - `truncated` (`id: <to>`): `data: {"from": a, "to": b}` — chunks `a..=b` are no longer
+///   held (evicted from the bounded buffer, or acknowledged before a control-plane restart);
+/// - `end`: `data: {"q": last seq}` after the last chunk; then the response ends.
+///
+/// Position: `Last-Event-ID`, else `after`, else from the first chunk. Each chunk is sent once
+/// per position: a client that reconnects with the last id it saw misses and repeats nothing.
+pub async fn stream(
+    app: &std::sync::Arc<App>,
+    principal: &Principal,
+    parts: &Parts,
+    session_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    use futures_lite::FutureExt as _;
+    use http_body_util::{BodyExt as _, StreamBody};
+    use hyper::body::{Bytes, Frame};
+    use hyper::header::{self, HeaderValue};
+
+    principal.require(Role::Operator)?;
+    check_id("sessionId", session_id, (1, 64), "invalid_session_id")?;
+    let params = query_params(parts.uri.query());
+    let bad_position = || {
+        ApiError::bad_request(
+            "invalid_last_event_id",
+            "Last-Event-ID / `after` must be a chunk seq (0..4294967295)",
+        )
+    };
+    let after: Option<u32> = match parts.headers.get("last-event-id") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or_else(bad_position)?,
+        ),
+        None => query_u64(&params, "after")?
+            .map(|a| u32::try_from(a).map_err(|_| bad_position()))
+            .transpose()?,
+    };
+    let not_found = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "stream_not_found",
+            format!("no session {session_id:?} (or no such stream of it) in your tenant"),
+        )
+    };
+    let (store, tenant, sid) = (
+        app.store.clone(),
+        principal.tenant.clone(),
+        session_id.to_owned(),
+    );
+    let session = smol::unblock(move || store.session(&tenant, &sid))
+        .await?
+        .ok_or_else(not_found)?;
+    let device = session.device_id.clone();
+    let streams = &app.hub.streams;
+    let x = match params.iter().rev().find(|(k, _)| k == "x").map(|(_, v)| v) {
+        Some(x) => {
+            check_id("x", x, (1, 64), "invalid_stream_id")?;
+            x.clone()
+        }
+        None => streams
+            .latest_for_session(&device, session_id)
+            .ok_or_else(not_found)?,
+    };
+    let rx = streams
+        .watch(&principal.tenant, &device, &x, session_id)
+        .ok_or_else(not_found)?;
+    struct State {
+        app: std::sync::Arc<App>,
+        device: String,
+        x: String,
+        after: Option<u32>,
+        rx: async_channel::Receiver<()>,
+        started: bool,
+        done: bool,
+    }
+    let state = State {
+        app: app.clone(),
+        device,
+        x,
+        after,
+        rx,
+        started: false,
+        done: false,
+    };
+    let keepalive = app.options.sse_keepalive;
+    let frames = futures_lite::stream::unfold(state, move |mut st| async move {
+        if st.done {
+            return None;
+        }
+        if !st.started {
+            st.started = true;
+            return Some((Ok(Frame::data(Bytes::from_static(b"retry: 2000\n\n"))), st));
+        }
+        loop {
+            let read = st
+                .app
+                .hub
+                .streams
+                .read(&st.device, &st.x, st.after, STREAM_BATCH);
+            let mut out = String::new();
+            for item in &read.items {
+                match item {
+                    crate::streams::Item::Truncated { from, to } => {
+                        out.push_str(&format!(
+                            "id: {to}\nevent: truncated\ndata: {}\n\n",
+                            json!({ "from": from, "to": to })
+                        ));
+                        st.after = Some(*to);
+                    }
+                    crate::streams::Item::Chunk(c) => {
+                        out.push_str(&format!(
+                            "id: {}\nevent: chunk\ndata: {}\n\n",
+                            c.seq,
+                            json!({ "q": c.seq, "d": c.data })
+                        ));
+                        st.after = Some(c.seq);
+                    }
+                }
+            }
+            if read.ended {
+                let last = st.after.unwrap_or(0);
+                out.push_str(&format!("event: end\ndata: {}\n\n", json!({ "q": last })));
+                st.done = true;
+            }
+            if !out.is_empty() {
+                return Some((
+                    Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(out))),
+                    st,
+                ));
+            }
+            let woke = async { st.rx.recv().await.is_ok() }
+                .or(async {
+                    smol::Timer::after(keepalive).await;
+                    false
+                })
+                .await;
+            if !woke {
+                if st.rx.is_closed() {
+                    // The stream was evicted: end; the client reconnects and learns what is left.
+                    return None;
+                }
+                return Some((Ok(Frame::data(Bytes::from_static(b": keepalive\n\n"))), st));
+            }
+        }
+    });
+    let mut resp = Response::new(StreamBody::new(frames).boxed_unsync());
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(resp)
 }
 
 /// Normalises the log text as 0.1.50 does: one entry per non-blank line; JSON objects keep

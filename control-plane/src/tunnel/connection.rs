@@ -33,7 +33,7 @@ use futures_lite::{AsyncRead, AsyncWrite, StreamExt as _};
 use super::handshake::{
     self, CLOSE_PROTOCOL_ERROR, CLOSE_TOO_BIG, CLOSE_TRY_AGAIN_LATER, close_now, linger,
 };
-use super::hub::{CloseCause, Conn, DispatchError, Outgoing, encode_frame};
+use super::hub::{CloseCause, Conn, DeviceHub, DispatchError, Outgoing, encode_frame};
 use super::{
     MAX_CHUNK_BYTES, TunnelShared, UnauthenticatedSlot, handshake_ws_config, session_ws_config,
 };
@@ -293,7 +293,9 @@ where
                     .presence
                     .touch(conn.device_id(), conn.presence_id(), crate::time::now_ms());
                 let action = match frame {
-                    WsMessage::Text(text) => on_data(conn, text.as_bytes(), Codec::Json),
+                    WsMessage::Text(text) => {
+                        on_data(&shared.hub, conn, text.as_bytes(), Codec::Json)
+                    }
                     WsMessage::Binary(bytes) => {
                         // A 0.1.x peer's binary frames are JSON too (0.1.50 decodes them so).
                         let codec = if conn.codec().is_native() {
@@ -301,7 +303,7 @@ where
                         } else {
                             Codec::Json
                         };
-                        on_data(conn, &bytes, codec)
+                        on_data(&shared.hub, conn, &bytes, codec)
                     }
                     WsMessage::Close(_) => return End::PeerClosed,
                     WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_) => {
@@ -329,7 +331,7 @@ where
 }
 
 /// Handles one data frame.
-fn on_data(conn: &Conn, bytes: &[u8], codec: Codec) -> Action {
+fn on_data(hub: &DeviceHub, conn: &Conn, bytes: &[u8], codec: Codec) -> Action {
     let msg = match Message::decode(bytes, codec) {
         Ok(msg) => msg,
         Err(DecodeError::FrameTooLarge { .. }) => {
@@ -374,6 +376,13 @@ fn on_data(conn: &Conn, bytes: &[u8], codec: Codec) -> Action {
             ),
         },
         Message::StreamChunk(chunk) => {
+            if !conn.awaits_stream(&chunk.stream_id) {
+                // Prompt output: de-duplicated, buffered and acked by the streams module.
+                return match hub.streams.on_chunk(conn.tenant(), conn.device_id(), chunk) {
+                    Some(ack) => Action::Reply(Message::StreamAck(ack)),
+                    None => Action::Nothing,
+                };
+            }
             let ack = Message::StreamAck(StreamAck {
                 stream_id: chunk.stream_id.clone(),
                 seq: chunk.seq,

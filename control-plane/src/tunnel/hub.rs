@@ -489,6 +489,11 @@ impl Conn {
         true
     }
 
+    /// Whether a snapshot request waits for stream `x` (else its chunks are prompt output).
+    pub fn awaits_stream(&self, x: &str) -> bool {
+        self.lock().streams.contains_key(x)
+    }
+
     /// Adds a chunk to the snapshot it belongs to. False if no request waits for its stream.
     pub fn stream_chunk(&self, chunk: StreamChunk) -> bool {
         let mut st = self.lock();
@@ -692,6 +697,8 @@ pub struct DeviceHub {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     config: DispatchConfig,
+    /// Session output streams (`sc` of prompts), shared with the API.
+    pub streams: crate::streams::Streams,
 }
 
 impl DeviceHub {
@@ -701,6 +708,7 @@ impl DeviceHub {
             store,
             metrics,
             config,
+            streams: crate::streams::Streams::default(),
         }
     }
 
