@@ -23,23 +23,46 @@
 //! Acks are cumulative: every chunk is answered with `sa {x, q: next - 1}` (nothing before the
 //! first chunk is in). A reader resumes by seq (`Last-Event-ID`), so it sees each chunk once.
 //!
-//! # Where chunks live, and what a restart loses
+//! # Where chunks live: durable first, then acknowledged
 //!
-//! In memory only: a ring of at most [`StreamsConfig::max_bytes_per_stream`] per stream (oldest
-//! chunks evicted first) and at most [`StreamsConfig::max_streams`] streams (ended streams
-//! evicted before live ones). A reader that asks for chunks no longer held gets an explicit
-//! `truncated` range instead, never a silent gap. A control-plane restart loses what was
-//! already acknowledged: the daemon re-sends only unacknowledged chunks, and the stream state
-//! is rebuilt starting at the first seq seen (the range before it is reported as truncated).
-//! Persisting chunks in the store (one capped sled tree) would close that gap; it is not done
-//! yet — `sl` cannot replace it, since it replays the device log, not a stream by seq.
+//! With a store ([`Streams::with_store`], what the server uses) every accepted chunk is
+//! appended to the store ([`Store::append_stream_chunk`], keyed by tenant, device and `x`) and
+//! the store is **flushed (fsync) before the `sa` goes out**: the daemon deletes a chunk from
+//! its journal when it is acknowledged, so an acknowledged chunk must survive a `kill -9` of
+//! the control plane. One flush covers every chunk accepted in the same call (a chunk plus the
+//! out-of-order successors it releases), and sled's flush is a group commit, so concurrent
+//! streams share fsyncs. The flush runs with the streams lock released. Cost, measured by
+//! `store_flush_cost` in `tests/session_streams.rs` (200-byte chunks, data dir on an overlay
+//! fs, 2 shared cores): append alone ≈ 0.17 ms, append + flush ≈ 0.48 ms per chunk — so about
+//! 2 000 durable chunks/s per connection. OpenCode output arrives at model speed (tens of
+//! deltas/s per stream), so a flush per batch is affordable; the daemon's re-send burst after
+//! a reconnect pays it once per chunk. The flush blocks the connection's task (`on_chunk` is
+//! synchronous); moving the call to `smol::unblock` is the tunnel's choice.
+//! `flush_async` would not help here: `on_chunk` answers synchronously.
+//!
+//! The store keeps at most [`StreamsConfig::max_stored_bytes_per_stream`] per stream (oldest
+//! evicted first, recorded as the stream's `first_kept`) and drops ended streams after
+//! [`StreamsConfig::ended_retention`] (abandoned ones after [`StreamsConfig::idle_retention`]);
+//! pruning runs on a helper thread at most every [`StreamsConfig::prune_every`].
+//!
+//! In memory, a ring of at most [`StreamsConfig::max_bytes_per_stream`] per stream and at most
+//! [`StreamsConfig::max_streams`] streams (ended ones evicted first) is the hot cache for live
+//! readers; a read before the ring, or of a stream not in memory (after a restart), goes to
+//! the store. A stream not in memory is loaded from the store's metadata, so after a restart
+//! the next expected seq is known and the daemon's re-sent duplicates are still dropped. A
+//! reader that asks for chunks no longer held gets an explicit `truncated` range, never a
+//! silent gap.
+//!
+//! Without a store ([`Streams::new`], unit tests) chunks live in the ring only, and a restart
+//! loses what was acknowledged (the range before the first seq seen is reported truncated).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use codemantle_protocol::message::{StreamAck, StreamChunk};
 
-use crate::store::TenantId;
+use crate::store::{Store, StoredChunk, TenantId};
 
 /// Limits of the in-memory stream buffers.
 #[derive(Debug, Clone, Copy)]
@@ -50,6 +73,14 @@ pub struct StreamsConfig {
     pub max_streams: usize,
     /// Out-of-order chunks held per stream while waiting for a missing seq.
     pub max_out_of_order: usize,
+    /// Text the store keeps per stream; older chunks are evicted (readers see `truncated`).
+    pub max_stored_bytes_per_stream: u64,
+    /// How long the store keeps an ended stream.
+    pub ended_retention: Duration,
+    /// How long the store keeps a stream that never ended, after its last chunk.
+    pub idle_retention: Duration,
+    /// How often (at most) the store is pruned.
+    pub prune_every: Duration,
 }
 
 impl Default for StreamsConfig {
@@ -58,6 +89,10 @@ impl Default for StreamsConfig {
             max_bytes_per_stream: 4 << 20,
             max_streams: 1024,
             max_out_of_order: 64,
+            max_stored_bytes_per_stream: 16 << 20,
+            ended_retention: Duration::from_secs(24 * 3600),
+            idle_retention: Duration::from_secs(7 * 24 * 3600),
+            prune_every: Duration::from_secs(600),
         }
     }
 }
@@ -94,6 +129,8 @@ struct Stream {
     session_id: Option<String>,
     /// Next seq expected in order.
     next: u32,
+    /// Every seq below this one is durably stored (and may be acknowledged).
+    durable: u32,
     /// First seq held in `ring` (everything below is evicted or was never seen).
     first_kept: u32,
     /// Whether any chunk was ever accepted (before that, `first_kept` is provisional).
@@ -112,6 +149,7 @@ impl Stream {
             tenant,
             session_id,
             next: 0,
+            durable: 0,
             first_kept: 0,
             started: false,
             ring: VecDeque::new(),
@@ -123,10 +161,39 @@ impl Stream {
         }
     }
 
-    fn push(&mut self, seq: u32, data: String, last: bool, max_bytes: usize) {
+    /// Loads what the store knows of a stream not in memory (after a restart or an eviction).
+    fn from_store(
+        store: &dyn Store,
+        tenant: &TenantId,
+        device: &str,
+        x: &str,
+        touched: u64,
+    ) -> Option<Stream> {
+        let meta = match store.stream_meta(tenant, device, x) {
+            Ok(m) => m?,
+            Err(e) => {
+                tracing::warn!(device, stream = x, error = %e, "cannot load a stream from the store");
+                return None;
+            }
+        };
+        let mut st = Stream::new(tenant.clone(), meta.session_id, touched);
+        st.started = meta.started;
+        st.next = meta.next_seq;
+        st.durable = meta.next_seq;
+        st.first_kept = meta.first_kept;
+        st.ended = meta.ended;
+        Some(st)
+    }
+
+    /// Adds an accepted chunk to the ring. Without a store, ring eviction is final (moves
+    /// `first_kept`); with one, the evicted chunks are still read from the store.
+    fn push(&mut self, seq: u32, data: String, last: bool, max_bytes: usize, stored: bool) {
         self.bytes += data.len();
         self.ring.push_back(Chunk { seq, data, last });
         self.next = seq.saturating_add(1);
+        if !stored {
+            self.durable = self.next;
+        }
         if last {
             self.ended = true;
         }
@@ -134,7 +201,9 @@ impl Stream {
         while self.bytes > max_bytes && self.ring.len() > 1 {
             if let Some(old) = self.ring.pop_front() {
                 self.bytes -= old.data.len();
-                self.first_kept = old.seq.saturating_add(1);
+                if !stored {
+                    self.first_kept = old.seq.saturating_add(1);
+                }
             }
         }
     }
@@ -151,12 +220,14 @@ impl Stream {
 pub struct Streams {
     config: StreamsConfig,
     inner: Mutex<Inner>,
+    store: Option<Arc<dyn Store>>,
 }
 
 #[derive(Default)]
 struct Inner {
     streams: HashMap<(Box<str>, Box<str>), Stream>,
     clock: u64,
+    last_prune_ms: u64,
 }
 
 impl Default for Streams {
@@ -170,6 +241,16 @@ impl Streams {
         Streams {
             config,
             inner: Mutex::new(Inner::default()),
+            store: None,
+        }
+    }
+
+    /// Streams whose chunks are stored durably in `store` before they are acknowledged.
+    pub fn with_store(config: StreamsConfig, store: Arc<dyn Store>) -> Streams {
+        Streams {
+            config,
+            inner: Mutex::new(Inner::default()),
+            store: Some(store),
         }
     }
 
@@ -185,12 +266,15 @@ impl Streams {
         device: &str,
         chunk: StreamChunk,
     ) -> Option<StreamAck> {
+        let store = self.store.as_deref();
         let mut inner = self.lock();
         let max_streams = self.config.max_streams;
-        let st = inner.get_or_insert(device, &chunk.stream_id, tenant, None, max_streams);
+        let st = inner.get_or_insert(device, &chunk.stream_id, tenant, None, max_streams, store);
         if st.tenant != *tenant {
             // The device moved tenants (re-registered): start over under the new one.
-            *st = Stream::new(tenant.clone(), None, st.touched);
+            let fresh = store
+                .and_then(|s| Stream::from_store(s, tenant, device, &chunk.stream_id, st.touched));
+            *st = fresh.unwrap_or_else(|| Stream::new(tenant.clone(), None, st.touched));
         }
         let StreamChunk {
             stream_id,
@@ -198,22 +282,26 @@ impl Streams {
             last,
             data,
         } = chunk;
-        let max_bytes = self.config.max_bytes_per_stream;
         if !st.started {
             // First chunk this control plane sees: after a restart the daemon re-sends from its
             // first unacknowledged seq; everything before it was acknowledged (and is lost).
             st.started = true;
             st.next = seq;
+            st.durable = seq;
             st.first_kept = seq;
         }
-        let mut changed = false;
+        let mut accepted = Vec::new();
         if seq == st.next && !st.ended {
-            st.push(seq, data, last, max_bytes);
-            while let Some((data, last)) = st.out_of_order.remove(&st.next) {
-                let q = st.next;
-                st.push(q, data, last, max_bytes);
+            accepted.push((seq, data, last));
+            let (mut q, mut ended) = (seq.saturating_add(1), last);
+            while !ended {
+                let Some((data, last)) = st.out_of_order.remove(&q) else {
+                    break;
+                };
+                accepted.push((q, data, last));
+                q = q.saturating_add(1);
+                ended = last;
             }
-            changed = true;
         } else if seq > st.next && !st.ended {
             if st.out_of_order.len() < self.config.max_out_of_order
                 || st.out_of_order.contains_key(&seq)
@@ -223,21 +311,99 @@ impl Streams {
                 tracing::debug!(device, stream = %stream_id, seq, "out-of-order buffer full; the daemon will re-send");
             }
         }
-        if changed {
+        let max_bytes = self.config.max_bytes_per_stream;
+        let now = crate::time::now_ms();
+        let mut appended = false;
+        for (q, data, last) in accepted {
+            if let Some(store) = store {
+                let c = StoredChunk { seq: q, data, last };
+                let max = self.config.max_stored_bytes_per_stream;
+                match store.append_stream_chunk(tenant, device, &stream_id, &c, max, now) {
+                    Ok(meta) => st.first_kept = st.first_kept.max(meta.first_kept),
+                    Err(e) => {
+                        // Not stored, so not accepted: the daemon keeps it and re-sends it.
+                        tracing::warn!(device, stream = %stream_id, seq = q, error = %e, "cannot store a stream chunk");
+                        break;
+                    }
+                }
+                st.push(q, c.data, c.last, max_bytes, true);
+            } else {
+                st.push(q, data, last, max_bytes, false);
+            }
+            appended = true;
+        }
+        if appended {
+            // Readers may see a chunk before it is durable: if the control plane dies now, the
+            // daemon re-sends the same seq with the same text, and a reader resuming after it
+            // skips it.
             st.notify();
         }
-        st.next
+        let mut durable = st.durable;
+        let target = st.next;
+        if let (Some(store), true) = (store, appended) {
+            let prune = now.saturating_sub(inner.last_prune_ms)
+                >= self.config.prune_every.as_millis() as u64;
+            if prune {
+                inner.last_prune_ms = now;
+            }
+            drop(inner);
+            if prune {
+                self.prune_in_background(now);
+            }
+            match store.flush() {
+                Ok(()) => durable = target,
+                Err(e) => {
+                    tracing::warn!(device, stream = %stream_id, error = %e, "cannot flush stream chunks; not acknowledged");
+                }
+            }
+            let mut inner = self.lock();
+            if let Some(st) = inner
+                .streams
+                .get_mut(&(Box::from(device), Box::from(stream_id.as_str())))
+            {
+                st.durable = st.durable.max(durable);
+                durable = st.durable;
+            }
+        }
+        durable
             .checked_sub(1)
             .map(|q| StreamAck { stream_id, seq: q })
     }
 
+    fn prune_in_background(&self, now_ms: u64) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let ended_before = now_ms.saturating_sub(self.config.ended_retention.as_millis() as u64);
+        let idle_before = now_ms.saturating_sub(self.config.idle_retention.as_millis() as u64);
+        let spawned = std::thread::Builder::new()
+            .name("stream-prune".into())
+            .spawn(
+                move || match store.prune_streams(ended_before, idle_before) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(streams = n, "pruned old session output streams"),
+                    Err(e) => tracing::warn!(error = %e, "cannot prune session output streams"),
+                },
+            );
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the stream pruning thread");
+        }
+    }
+
     /// Records that prompt `x` on `device` is for `session_id` (so readers can find it).
     pub fn register(&self, tenant: &TenantId, device: &str, x: &str, session_id: &str) {
+        let store = self.store.as_deref();
         let mut inner = self.lock();
         let max_streams = self.config.max_streams;
-        let st = inner.get_or_insert(device, x, tenant, Some(session_id), max_streams);
+        let st = inner.get_or_insert(device, x, tenant, Some(session_id), max_streams, store);
         if st.session_id.is_none() {
             st.session_id = Some(session_id.to_owned());
+        }
+        if let Some(store) = store {
+            let now = crate::time::now_ms();
+            if let Err(e) = store.register_stream(tenant, device, x, session_id, now) {
+                tracing::warn!(device, stream = x, error = %e, "cannot record a stream's session");
+            }
         }
     }
 
@@ -261,9 +427,10 @@ impl Streams {
         x: &str,
         session_id: &str,
     ) -> Option<async_channel::Receiver<()>> {
+        let store = self.store.as_deref();
         let mut inner = self.lock();
         let max_streams = self.config.max_streams;
-        let st = inner.get_or_insert(device, x, tenant, Some(session_id), max_streams);
+        let st = inner.get_or_insert(device, x, tenant, Some(session_id), max_streams, store);
         if st.tenant != *tenant || st.session_id.as_deref().is_some_and(|s| s != session_id) {
             return None;
         }
@@ -278,15 +445,46 @@ impl Streams {
         let Some(st) = inner.streams.get(&(Box::from(device), Box::from(x))) else {
             return Read::default();
         };
-        let from = after.map_or(0, |a| a.saturating_add(1));
+        let mut from = after.map_or(0, |a| a.saturating_add(1));
         let mut items = Vec::new();
         if st.started && from < st.first_kept {
             items.push(Item::Truncated {
                 from,
                 to: st.first_kept - 1,
             });
+            from = st.first_kept;
         }
         let mut ended = st.ended && st.next <= from;
+        let ring_first = st.ring.front().map_or(st.next, |c| c.seq);
+        if let (Some(store), true) = (&self.store, from < ring_first && from < st.next) {
+            // Before the hot ring (evicted from memory, or before a restart): the store has
+            // every chunk from `first_kept` on.
+            let tenant = st.tenant.clone();
+            drop(inner);
+            match store.stream_chunks_after(&tenant, device, x, from, max) {
+                Ok(chunks) => {
+                    if let Some(first) = chunks.first().map(|c| c.seq).filter(|&q| q > from) {
+                        // Evicted from the store meanwhile.
+                        items.push(Item::Truncated {
+                            from,
+                            to: first - 1,
+                        });
+                    }
+                    for c in chunks {
+                        ended |= c.last;
+                        items.push(Item::Chunk(Chunk {
+                            seq: c.seq,
+                            data: c.data,
+                            last: c.last,
+                        }));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(device, stream = x, error = %e, "cannot read stream chunks from the store");
+                }
+            }
+            return Read { items, ended };
+        }
         for c in st.ring.iter().filter(|c| c.seq >= from).take(max) {
             ended |= c.last;
             items.push(Item::Chunk(c.clone()));
@@ -312,6 +510,7 @@ impl Inner {
         tenant: &TenantId,
         session_id: Option<&str>,
         max_streams: usize,
+        store: Option<&dyn Store>,
     ) -> &mut Stream {
         self.clock += 1;
         let now = self.clock;
@@ -330,10 +529,10 @@ impl Inner {
                     None => break,
                 }
             }
-            self.streams.insert(
-                key.clone(),
-                Stream::new(tenant.clone(), session_id.map(str::to_owned), now),
-            );
+            let loaded = store.and_then(|s| Stream::from_store(s, tenant, device, x, now));
+            let st = loaded
+                .unwrap_or_else(|| Stream::new(tenant.clone(), session_id.map(str::to_owned), now));
+            self.streams.insert(key.clone(), st);
         }
         let st = self.streams.get_mut(&key).expect("inserted above");
         st.touched = now;

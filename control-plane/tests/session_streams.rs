@@ -265,3 +265,245 @@ fn prompt_output_reaches_readers_exactly_once_across_resends_and_late_joins() {
     );
     assert_eq!(r.status, 400);
 }
+
+// ---- durable chunks: the store under `Streams` -------------------------------------------
+
+mod durable {
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use codemantle_control_plane::store::sled::SledStore;
+    use codemantle_control_plane::store::{Store, StoredChunk, TenantId};
+    use codemantle_control_plane::streams::{Item, Read, Streams, StreamsConfig};
+    use codemantle_protocol::message::StreamChunk;
+
+    /// Opens the store, waiting while a previous instance (its pruning thread) lets go of it.
+    fn open(dir: &Path) -> Arc<dyn Store> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match SledStore::open(&dir.join("data")) {
+                Ok(s) => return Arc::new(s),
+                Err(e) if Instant::now() > deadline => panic!("open store: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    fn sc(x: &str, q: u32, last: bool) -> StreamChunk {
+        StreamChunk {
+            stream_id: x.into(),
+            seq: q,
+            last,
+            data: format!("chunk {q};"),
+        }
+    }
+
+    fn seqs(r: &Read) -> Vec<u32> {
+        r.items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Chunk(c) => Some(c.seq),
+                Item::Truncated { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn acknowledged_chunks_survive_a_restart_and_resends_stay_duplicates() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = TenantId::parse("t").expect("tenant");
+        let x = "xdurable01";
+        {
+            let store = open(dir.path());
+            let s = Streams::with_store(StreamsConfig::default(), store.clone());
+            s.register(&t, "dev", x, "ses1");
+            for q in 0..5 {
+                let ack = s.on_chunk(&t, "dev", sc(x, q, false)).expect("ack");
+                assert_eq!(ack.seq, q);
+            }
+            // What was acked is in the store (flushed before the ack).
+            let meta = store
+                .stream_meta(&t, "dev", x)
+                .expect("meta")
+                .expect("some");
+            assert_eq!((meta.next_seq, meta.ended), (5, false));
+            assert_eq!(meta.session_id.as_deref(), Some("ses1"));
+        } // "restart": memory gone, store reopened.
+        let store = open(dir.path());
+        let s = Streams::with_store(StreamsConfig::default(), store.clone());
+        // The daemon re-sends 3 and 4 (it had not seen their acks): duplicates, acked again.
+        assert_eq!(
+            s.on_chunk(&t, "dev", sc(x, 3, false)).map(|a| a.seq),
+            Some(4)
+        );
+        assert_eq!(
+            s.on_chunk(&t, "dev", sc(x, 4, false)).map(|a| a.seq),
+            Some(4)
+        );
+        assert_eq!(
+            s.on_chunk(&t, "dev", sc(x, 5, true)).map(|a| a.seq),
+            Some(5)
+        );
+        let r = s.read("dev", x, None, 100);
+        assert!(!r.items.iter().any(|i| matches!(i, Item::Truncated { .. })));
+        let mut got = seqs(&r);
+        let mut after = got.last().copied();
+        let mut ended = r.ended;
+        while !ended {
+            let r = s.read("dev", x, after, 100);
+            got.extend(seqs(&r));
+            after = got.last().copied();
+            ended = r.ended;
+        }
+        assert_eq!(got, vec![0, 1, 2, 3, 4, 5]);
+        // A reader that attaches after the restart (watch loads the stream from the store).
+        let fresh = Streams::with_store(StreamsConfig::default(), store.clone());
+        assert!(fresh.watch(&t, "dev", x, "ses1").is_some());
+        assert!(fresh.watch(&t, "dev", x, "other").is_none());
+        assert_eq!(seqs(&fresh.read("dev", x, Some(2), 2)), vec![3, 4]);
+        // Another tenant sees nothing of it.
+        let other = TenantId::parse("u").expect("tenant");
+        assert!(store.stream_meta(&other, "dev", x).expect("meta").is_none());
+    }
+
+    #[test]
+    fn a_small_ring_reads_older_chunks_from_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = TenantId::parse("t").expect("tenant");
+        let s = Streams::with_store(
+            StreamsConfig {
+                max_bytes_per_stream: 20,
+                ..StreamsConfig::default()
+            },
+            open(dir.path()),
+        );
+        for q in 0..10 {
+            s.on_chunk(&t, "dev", sc("xring0001", q, q == 9));
+        }
+        let r = s.read("dev", "xring0001", None, 100);
+        assert_eq!(seqs(&r), (0..10).collect::<Vec<_>>());
+        assert!(r.ended);
+    }
+
+    #[test]
+    fn the_store_cap_evicts_oldest_first_as_a_truncated_range() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = TenantId::parse("t").expect("tenant");
+        let store = open(dir.path());
+        let s = Streams::with_store(
+            StreamsConfig {
+                max_bytes_per_stream: 16,
+                max_stored_bytes_per_stream: 30, // three 9-byte chunks
+                ..StreamsConfig::default()
+            },
+            store.clone(),
+        );
+        for q in 0..6 {
+            s.on_chunk(&t, "dev", sc("xcap00001", q, false));
+        }
+        let meta = store
+            .stream_meta(&t, "dev", "xcap00001")
+            .expect("meta")
+            .expect("some");
+        assert_eq!((meta.first_kept, meta.next_seq), (3, 6));
+        assert_eq!(meta.truncated(), Some((0, 2)));
+        let r = s.read("dev", "xcap00001", None, 100);
+        assert_eq!(r.items[0], Item::Truncated { from: 0, to: 2 });
+        assert_eq!(seqs(&r), vec![3, 4, 5]);
+        // Same after a restart.
+        let fresh = Streams::with_store(StreamsConfig::default(), store.clone());
+        assert!(fresh.watch(&t, "dev", "xcap00001", "s").is_some());
+        let r = fresh.read("dev", "xcap00001", None, 100);
+        assert_eq!(r.items[0], Item::Truncated { from: 0, to: 2 });
+        assert_eq!(seqs(&r), vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn store_appends_are_in_order_and_ended_streams_are_pruned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = TenantId::parse("t").expect("tenant");
+        let store = open(dir.path());
+        let c = |q: u32, last: bool| StoredChunk {
+            seq: q,
+            data: format!("{q}"),
+            last,
+        };
+        store
+            .append_stream_chunk(&t, "dev", "xa", &c(0, false), 1 << 20, 1_000)
+            .expect("append");
+        // A gap is refused; a duplicate is a no-op.
+        assert!(
+            store
+                .append_stream_chunk(&t, "dev", "xa", &c(2, false), 1 << 20, 1_000)
+                .is_err()
+        );
+        let m = store
+            .append_stream_chunk(&t, "dev", "xa", &c(0, false), 1 << 20, 1_000)
+            .expect("dup");
+        assert_eq!(m.next_seq, 1);
+        store
+            .append_stream_chunk(&t, "dev", "xa", &c(1, true), 1 << 20, 1_000)
+            .expect("append");
+        store
+            .append_stream_chunk(&t, "dev", "xb", &c(0, false), 1 << 20, 5_000)
+            .expect("append");
+        let got = store
+            .stream_chunks_after(&t, "dev", "xa", 0, 10)
+            .expect("read");
+        assert_eq!(got, vec![c(0, false), c(1, true)]);
+        // xa ended at 1000: pruned with an ended-before of 2000; xb (live, 5000) stays.
+        assert_eq!(store.prune_streams(2_000, 0).expect("prune"), 1);
+        assert!(store.stream_meta(&t, "dev", "xa").expect("meta").is_none());
+        assert!(
+            store
+                .stream_chunks_after(&t, "dev", "xa", 0, 10)
+                .expect("read")
+                .is_empty()
+        );
+        assert!(store.stream_meta(&t, "dev", "xb").expect("meta").is_some());
+        // Abandoned (idle) streams go too.
+        assert_eq!(store.prune_streams(2_000, 6_000).expect("prune"), 1);
+    }
+
+    /// What the durability point costs: one append + flush (fsync) per chunk, as `on_chunk`
+    /// does, against appends alone. Prints the numbers (`--nocapture`); asserts only sanity.
+    #[test]
+    fn store_flush_cost() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = TenantId::parse("t").expect("tenant");
+        let store = open(dir.path());
+        let n = 200u32;
+        let data = "x".repeat(200);
+        let start = Instant::now();
+        for q in 0..n {
+            let c = StoredChunk {
+                seq: q,
+                data: data.clone(),
+                last: false,
+            };
+            store
+                .append_stream_chunk(&t, "dev", "xnoflush", &c, 1 << 30, 1)
+                .expect("append");
+        }
+        let no_flush = start.elapsed() / n;
+        let start = Instant::now();
+        for q in 0..n {
+            let c = StoredChunk {
+                seq: q,
+                data: data.clone(),
+                last: false,
+            };
+            store
+                .append_stream_chunk(&t, "dev", "xflush", &c, 1 << 30, 1)
+                .expect("append");
+            store.flush().expect("flush");
+        }
+        let flushed = start.elapsed() / n;
+        println!(
+            "per 200-byte chunk: append {no_flush:?}, append + flush {flushed:?} (data dir {})",
+            dir.path().display()
+        );
+        assert!(flushed < Duration::from_secs(1));
+    }
+}

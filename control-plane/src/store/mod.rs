@@ -164,6 +164,56 @@ pub trait Store: Send + Sync + 'static {
         device_id: Option<&str>,
     ) -> StoreResult<Vec<SessionRecord>>;
 
+    // ---- session output streams ---------------------------------------------------------
+
+    /// Records (or updates) the session of stream `x` before or after its first chunk. Creates
+    /// the stream's metadata if missing; never changes its seqs.
+    fn register_stream(
+        &self,
+        tenant: &TenantId,
+        device_id: &str,
+        x: &str,
+        session_id: &str,
+        now_ms: u64,
+    ) -> StoreResult<StreamMeta>;
+    /// Appends chunk `chunk.seq` of stream `x` if it is the next one expected (the first chunk
+    /// of an unknown stream starts it at its seq; the range before it is truncated). A seq
+    /// already accepted, or any chunk of an ended stream, is a duplicate: nothing is written.
+    /// A seq past the next expected one is `Conflict` (callers hold gaps themselves). After
+    /// the append, the oldest chunks are evicted while the stream holds more than `max_bytes`
+    /// (the newest chunk always stays), moving `first_kept` up. Returns the new metadata.
+    ///
+    /// Not durable by itself: call [`Store::flush`] before acknowledging (one flush may cover
+    /// a batch of appends).
+    fn append_stream_chunk(
+        &self,
+        tenant: &TenantId,
+        device_id: &str,
+        x: &str,
+        chunk: &StoredChunk,
+        max_bytes: u64,
+        now_ms: u64,
+    ) -> StoreResult<StreamMeta>;
+    /// Chunks of stream `x` with seq `>= from`, ascending, at most `limit`.
+    fn stream_chunks_after(
+        &self,
+        tenant: &TenantId,
+        device_id: &str,
+        x: &str,
+        from: u32,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredChunk>>;
+    fn stream_meta(
+        &self,
+        tenant: &TenantId,
+        device_id: &str,
+        x: &str,
+    ) -> StoreResult<Option<StreamMeta>>;
+    /// Deletes streams (metadata and chunks) that ended before `ended_before_ms`, or whose
+    /// last change is older than `idle_before_ms` (abandoned: the daemon never finished them).
+    /// Returns how many streams were deleted.
+    fn prune_streams(&self, ended_before_ms: u64, idle_before_ms: u64) -> StoreResult<usize>;
+
     // ---- config pushes ------------------------------------------------------------------
 
     /// Records the status of a config push. A `pending` record never replaces a finished one

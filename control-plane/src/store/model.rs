@@ -364,6 +364,57 @@ mod hex32 {
     }
 }
 
+// ---- session output streams ---------------------------------------------------------------
+
+/// The durable state of one session output stream (the `sc` chunks of one prompt), keyed by
+/// (tenant, device, stream id `x`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamMeta {
+    /// The session the prompt was for, when the prompt went through this control plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// Whether any chunk was stored (before that, `next_seq`/`first_kept` are provisional).
+    pub started: bool,
+    /// The next seq expected in order: every seq below it was accepted.
+    pub next_seq: u32,
+    /// The first seq still stored; `first_kept..next_seq` are held, everything below was
+    /// evicted by the byte cap (or never seen: the stream was first seen mid-way).
+    pub first_kept: u32,
+    /// Bytes of chunk text held.
+    pub bytes: u64,
+    /// The last chunk (`e: 1`) is in.
+    pub ended: bool,
+    /// When the last change happened (ms since the epoch).
+    pub updated_ms: u64,
+}
+
+impl StreamMeta {
+    pub fn new(session_id: Option<String>, now_ms: u64) -> StreamMeta {
+        StreamMeta {
+            session_id,
+            started: false,
+            next_seq: 0,
+            first_kept: 0,
+            bytes: 0,
+            ended: false,
+            updated_ms: now_ms,
+        }
+    }
+
+    /// The seqs evicted (or never seen) before the first one held, if any.
+    pub fn truncated(&self) -> Option<(u32, u32)> {
+        (self.started && self.first_kept > 0).then(|| (0, self.first_kept - 1))
+    }
+}
+
+/// One stored chunk of a session output stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredChunk {
+    pub seq: u32,
+    pub data: String,
+    pub last: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

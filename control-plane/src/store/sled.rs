@@ -64,6 +64,10 @@ pub struct SledStore {
     policies: Tree,
     idempotency: Tree,
     events: Tree,
+    /// Session output streams: (tenant, device, x) → [`StreamMeta`] JSON.
+    stream_meta: Tree,
+    /// Their chunks: (tenant, device, x, NUL, seq BE u32) → flag byte (1 = last) + text.
+    stream_chunks: Tree,
     bus: EventBus,
     /// Serialises writers so seq order == commit order == publish order.
     writer: Mutex<()>,
@@ -97,6 +101,8 @@ impl SledStore {
             policies: tree("policies")?,
             idempotency: tree("idempotency")?,
             events: tree("events")?,
+            stream_meta: tree("stream_meta")?,
+            stream_chunks: tree("stream_chunks")?,
             db,
             path: dir.to_owned(),
             bus: EventBus::default(),
@@ -887,6 +893,155 @@ impl Store for SledStore {
         }
     }
 
+    fn register_stream(
+        &self,
+        tenant: &TenantId,
+        device_id: &str,
+        x: &str,
+        session_id: &str,
+        now_ms: u64,
+    ) -> StoreResult<StreamMeta> {
+        let key = triple_key(tenant.as_str(), device_id, x);
+        let mut meta = match self.stream_meta.get(&key).map_err(backend)? {
+            Some(v) => decode::<StreamMeta>(&v)?,
+            None => StreamMeta::new(None, now_ms),
+        };
+        if meta.session_id.is_none() {
+            meta.session_id = Some(session_id.to_owned());
+            meta.updated_ms = now_ms;
+            let v = serde_json::to_vec(&meta)
+                .map_err(|e| StoreError::Backend(format!("encoding record: {e}")))?;
+            self.stream_meta.insert(key, v).map_err(backend)?;
+        }
+        Ok(meta)
+    }
+
+    fn append_stream_chunk(
+        &self,
+        tenant: &TenantId,
+        device_id: &str,
+        x: &str,
+        chunk: &StoredChunk,
+        max_bytes: u64,
+        now_ms: u64,
+    ) -> StoreResult<StreamMeta> {
+        let key = triple_key(tenant.as_str(), device_id, x);
+        let result = (&self.stream_meta, &self.stream_chunks).transaction(|(metas, chunks)| {
+            let mut meta = match metas.get(&key)? {
+                Some(v) => decode_tx::<StreamMeta>(&v)?,
+                None => StreamMeta::new(None, now_ms),
+            };
+            if !meta.started {
+                meta.started = true;
+                meta.next_seq = chunk.seq;
+                meta.first_kept = chunk.seq;
+            }
+            if chunk.seq < meta.next_seq || meta.ended {
+                return Ok(meta);
+            }
+            if chunk.seq > meta.next_seq {
+                return abort(StoreError::Conflict(format!(
+                    "stream {x}: chunk {} is past the next expected {}",
+                    chunk.seq, meta.next_seq
+                )));
+            }
+            let mut v = Vec::with_capacity(chunk.data.len() + 1);
+            v.push(u8::from(chunk.last));
+            v.extend_from_slice(chunk.data.as_bytes());
+            chunks.insert(chunk_key(&key, chunk.seq), v)?;
+            meta.bytes += chunk.data.len() as u64;
+            meta.next_seq = chunk.seq.saturating_add(1);
+            meta.ended = chunk.last;
+            meta.updated_ms = now_ms;
+            // Oldest first; the newest chunk always stays (so the end is always seen).
+            while meta.bytes > max_bytes && meta.first_kept < chunk.seq {
+                if let Some(old) = chunks.remove(chunk_key(&key, meta.first_kept))? {
+                    meta.bytes = meta
+                        .bytes
+                        .saturating_sub(old.len().saturating_sub(1) as u64);
+                }
+                meta.first_kept += 1;
+            }
+            metas.insert(key.as_slice(), encode_tx(&meta)?)?;
+            Ok(meta)
+        });
+        result.map_err(tx_error)
+    }
+
+    fn stream_chunks_after(
+        &self,
+        tenant: &TenantId,
+        device_id: &str,
+        x: &str,
+        from: u32,
+        limit: usize,
+    ) -> StoreResult<Vec<StoredChunk>> {
+        let key = triple_key(tenant.as_str(), device_id, x);
+        let start = chunk_key(&key, from);
+        let end = chunk_key(&key, u32::MAX);
+        let mut out = Vec::new();
+        for item in self.stream_chunks.range(start..=end).take(limit) {
+            let (k, v) = item.map_err(backend)?;
+            let seq = k
+                .get(k.len().saturating_sub(4)..)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_be_bytes)
+                .ok_or_else(|| StoreError::Backend("corrupt stream chunk key".into()))?;
+            let (flag, text) = v
+                .split_first()
+                .ok_or_else(|| StoreError::Backend("corrupt stream chunk".into()))?;
+            let data = String::from_utf8(text.to_vec())
+                .map_err(|_| StoreError::Backend("corrupt stream chunk text".into()))?;
+            out.push(StoredChunk {
+                seq,
+                data,
+                last: *flag == 1,
+            });
+        }
+        Ok(out)
+    }
+
+    fn stream_meta(
+        &self,
+        tenant: &TenantId,
+        device_id: &str,
+        x: &str,
+    ) -> StoreResult<Option<StreamMeta>> {
+        self.get_json(
+            &self.stream_meta,
+            &triple_key(tenant.as_str(), device_id, x),
+        )
+    }
+
+    fn prune_streams(&self, ended_before_ms: u64, idle_before_ms: u64) -> StoreResult<usize> {
+        let mut pruned = 0;
+        for item in self.stream_meta.iter() {
+            let (key, v) = item.map_err(backend)?;
+            let meta: StreamMeta = decode(&v)?;
+            let old = (meta.ended && meta.updated_ms < ended_before_ms)
+                || meta.updated_ms < idle_before_ms;
+            if !old {
+                continue;
+            }
+            // Chunks first: a crash in between leaves metadata whose chunks are gone, which
+            // the next prune removes; never chunks without metadata.
+            let start = chunk_key(&key, 0);
+            let end = chunk_key(&key, u32::MAX);
+            for k in self.stream_chunks.range(start..=end).keys() {
+                self.stream_chunks
+                    .remove(k.map_err(backend)?)
+                    .map_err(backend)?;
+            }
+            // Only if unchanged meanwhile (a late chunk revived it).
+            let _ = self
+                .stream_meta
+                .compare_and_swap(&key, Some(&v), None as Option<&[u8]>)
+                .map_err(backend)?;
+            pruned += 1;
+        }
+        Ok(pruned)
+    }
+
     fn subscribe(&self, tenant: Option<TenantId>) -> async_channel::Receiver<Event> {
         self.bus.subscribe(tenant)
     }
@@ -944,6 +1099,15 @@ fn triple_key(a: &str, b: &str, c: &str) -> Vec<u8> {
     let mut k = pair_key(a, b);
     k.push(0);
     k.extend_from_slice(c.as_bytes());
+    k
+}
+
+/// The key of chunk `seq` of the stream whose metadata key is `stream`.
+fn chunk_key(stream: &[u8], seq: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(stream.len() + 5);
+    k.extend_from_slice(stream);
+    k.push(0);
+    k.extend_from_slice(&seq.to_be_bytes());
     k
 }
 

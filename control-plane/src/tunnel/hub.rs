@@ -705,10 +705,10 @@ impl DeviceHub {
     pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, config: DispatchConfig) -> Self {
         DeviceHub {
             devices: Mutex::new(HashMap::new()),
+            streams: crate::streams::Streams::with_store(Default::default(), store.clone()),
             store,
             metrics,
             config,
-            streams: crate::streams::Streams::default(),
         }
     }
 
