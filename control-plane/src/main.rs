@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use codemantle_control_plane::api::{self, ApiOptions, App, Server};
 use codemantle_control_plane::config::{self, Config, LogFormat, Overrides};
 use codemantle_control_plane::store::sled::SledStore;
-use codemantle_control_plane::store::{Role, Store, TenantId};
+use codemantle_control_plane::store::{Role, Store, StoreError, TenantId};
 use codemantle_control_plane::tunnel::CloseCause;
 use codemantle_control_plane::{admin, sdnotify, time};
 
@@ -249,8 +249,8 @@ fn serve(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Watchdog pings (only while the store answers) and hourly purge of expired idempotency
-/// records.
+/// Watchdog pings (only while the store answers, or is merely full) and hourly purge of expired
+/// idempotency records.
 fn spawn_housekeeping(store: Arc<dyn Store>) {
     if let Some(interval) = sdnotify::watchdog_interval() {
         let store = store.clone();
@@ -260,6 +260,15 @@ fn spawn_housekeeping(store: Arc<dyn Store>) {
                 let s = store.clone();
                 match smol::unblock(move || s.probe()).await {
                     Ok(()) => sdnotify::notify("WATCHDOG=1"),
+                    // A full disk is not cured by a restart (the server still serves reads):
+                    // keep the watchdog fed and say what is wrong.
+                    Err(StoreError::StorageFull {
+                        message,
+                        restart_required: false,
+                    }) => {
+                        tracing::error!(error = %message, "store probe: storage full");
+                        sdnotify::notify("WATCHDOG=1");
+                    }
                     Err(e) => tracing::error!(error = %e, "store probe failed; withholding the watchdog ping"),
                 }
             }

@@ -9,7 +9,8 @@
 //!    caller waited 15–180 s for a 504): a bad field is a 400 that names the body field;
 //! 4. mutating commands run under [`idempotency::run`] (a retry with the same
 //!    `Idempotency-Key` replays the first answer and sends nothing), and carry an `ik` to
-//!    native daemons ([`crate::tunnel::hub::idempotency_token`]);
+//!    native daemons ([`crate::tunnel::hub::idempotency_token`]); they are refused with 507
+//!    `storage_full` while the store cannot write (a command must not run unrecorded);
 //! 5. dispatch through the [`crate::tunnel::DeviceHub`] (which records the `command` event);
 //! 6. the daemon's reply is returned as 0.1.x JSON (`{v,t,i,...}`), with 200, or 400 when the
 //!    route is "200/400" and the reply says `o:0`.
@@ -107,6 +108,8 @@ impl Command<'_> {
         if !mutating {
             return handler(None).await.map(JsonReply::into_response);
         }
+        let store = self.app.store.clone();
+        smol::unblock(move || store.check_writable()).await?;
         idempotency::run(
             &self.app.store,
             self.principal,

@@ -2,7 +2,8 @@
 //! `{"error": CODE, "message": "what happened and what to do"}`.
 //!
 //! Codes are stable, snake_case and meant for scripts; messages are for the operator and may
-//! change. Storage failures are logged with detail and reported as 503 so clients retry.
+//! change. Storage failures are logged with detail and reported as 503 so clients retry; a full
+//! disk is 507 `storage_full` with what to do (retrying does not help until space is freed).
 
 use std::borrow::Cow;
 
@@ -110,6 +111,10 @@ impl From<StoreError> for ApiError {
                 format!("{what} already exists; choose another id"),
             ),
             StoreError::Conflict(msg) => ApiError::new(StatusCode::CONFLICT, "conflict", msg),
+            StoreError::StorageFull { message, .. } => {
+                tracing::error!(error = %message, "store full while serving a request");
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "storage_full", message)
+            }
             StoreError::Backend(msg) => {
                 tracing::error!(error = %msg, "store failure while serving a request");
                 ApiError::new(

@@ -34,8 +34,10 @@ pub fn document() -> Value {
             "description": "Drive OpenCode sessions on a fleet of hosts. Every error is \
                 `{\"error\": CODE, \"message\": TEXT}`. Authenticate with \
                 `Authorization: Bearer cmt_<id>_<secret>`. Resources of another tenant answer \
-                404 like missing ones. Daemons connect with a WebSocket at `/ws` on the same \
-                listener (not described here)."
+                404 like missing ones. Any request that writes may answer 503 \
+                `store_unavailable` (retry shortly) or 507 `storage_full` (the server's disk is \
+                full: nothing was changed; free space, then retry). Daemons connect with a \
+                WebSocket at `/ws` on the same listener (not described here)."
         },
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
@@ -113,7 +115,7 @@ pub fn document() -> Value {
                 "responses": {
                     "200": ok("Healthy", json!({ "type": "object", "properties": {
                         "ok": { "type": "boolean" }, "store": { "type": "string" } } })),
-                    "503": ok("The store failed its probe", json!({ "type": "object" })) } } },
+                    "503": ok("The store failed its probe (`store_unavailable`), or the disk is full (`storage_full`, `\"store\":\"full\"`: reads work, writes do not)", json!({ "type": "object" })) } } },
             "/openapi.json": { "get": {
                 "summary": "This document", "security": [],
                 "responses": { "200": ok("OpenAPI 3.0 document", json!({ "type": "object" })) } } },
@@ -318,6 +320,11 @@ fn device_routes(doc: &mut Value) {
             "502": err("`device_disconnected`, `device_replaced`, `device_protocol_error`, `device_error`"),
             "504": err("`request_timeout`")
         });
+        if op.is_mutating() {
+            responses["507"] = err(
+                "`storage_full`: the control plane cannot record the command (disk full); nothing was sent",
+            );
+        }
         if op == DeviceOp::Prompt {
             responses["202"] = json!({ "description": "Sent (fire-and-forget): {o:1, x: stream id, i: request id}",
                 "content": { "application/json": { "schema": { "type": "object" } } } });

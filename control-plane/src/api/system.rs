@@ -10,13 +10,27 @@ use super::App;
 use super::error::ApiError;
 use super::http::{Body, full, json_response};
 use crate::auth::Principal;
+use crate::store::StoreError;
 
 /// `GET /health` (public): 200 `{"ok":true,"store":"ok"}` if the store passes a write/read
-/// probe, else 503 with the reason.
+/// probe, else 503 with the reason (`"store":"full"`, `storage_full` when the disk is full:
+/// reads still work then, writes do not).
 pub async fn health(app: &Arc<App>) -> Response<Body> {
     let store = app.store.clone();
     match smol::unblock(move || store.probe()).await {
         Ok(()) => json_response(StatusCode::OK, &json!({ "ok": true, "store": "ok" })),
+        Err(StoreError::StorageFull { message, .. }) => {
+            tracing::error!(error = %message, "health probe: storage full");
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({
+                    "ok": false,
+                    "store": "full",
+                    "error": "storage_full",
+                    "message": message,
+                }),
+            )
+        }
         Err(e) => {
             tracing::error!(error = %e, "health probe failed");
             json_response(

@@ -37,6 +37,14 @@ pub enum StoreError {
     /// The backend failed (disk, corruption, lock). The message names the data dir if relevant.
     #[error("store failure: {0}")]
     Backend(String),
+    /// The disk holding the store is full: writes are refused, reads still work. `message`
+    /// says what to do; `restart_required` is set when the backend stopped writing for good
+    /// and only a restart (after freeing space) brings writes back.
+    #[error("storage full: {message}")]
+    StorageFull {
+        message: String,
+        restart_required: bool,
+    },
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -45,8 +53,16 @@ pub type StoreResult<T> = Result<T, StoreError>;
 pub trait Store: Send + Sync + 'static {
     // ---- health -------------------------------------------------------------------------
 
-    /// Writes and reads back a probe key; `Err` means the store cannot serve requests.
+    /// Writes and reads back a probe key; `Err` means the store cannot serve requests
+    /// ([`StoreError::StorageFull`] when it cannot write for lack of disk space).
     fn probe(&self) -> StoreResult<()>;
+
+    /// Whether a write would be accepted now, without writing anything: `Err`
+    /// ([`StoreError::StorageFull`]) when the disk is full. Callers that are about to do
+    /// something they must record afterwards (a device command and its event) ask first.
+    fn check_writable(&self) -> StoreResult<()> {
+        Ok(())
+    }
 
     /// Flushes buffered writes to disk (on shutdown, after local admin commands).
     fn flush(&self) -> StoreResult<()>;

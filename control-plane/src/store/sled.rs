@@ -27,6 +27,17 @@
 //!
 //! The data dir holds raw device secrets (HMAC keys): it is created 0700, and an existing one
 //! with group/other access is tightened to 0700 with a warning.
+//!
+//! # A full disk
+//!
+//! sled appends to 512 KiB log segments, and once one of its writes fails for lack of space it
+//! refuses every later write until the process restarts (the error is sticky), even after space
+//! was freed. So writes stop *before* that: while the data dir's filesystem has less than
+//! [`MIN_FREE_BYTES`] free, every write is refused with [`StoreError::StorageFull`] (HTTP 507
+//! `storage_full`) and nothing reaches sled; reads go on, and writes resume by themselves once
+//! space is freed. If sled runs out anyway (something else filled the reserve between check and
+//! write), its error is reported as `StorageFull` with `restart_required`, the health probe
+//! fails, and the systemd watchdog restarts the server.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -43,6 +54,10 @@ use crate::events::{EventBus, kind};
 use crate::semver::Version;
 
 const SCHEMA_VERSION: &[u8] = b"1";
+
+/// Free space the store keeps in reserve on the data dir's filesystem: below it, writes are
+/// refused (see "A full disk" above). A few sled segments' worth.
+pub const MIN_FREE_BYTES: u64 = 4 * 1024 * 1024;
 const KEY_EVENT_SEQ: &[u8] = b"event_seq";
 
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
@@ -141,6 +156,28 @@ impl SledStore {
         &self.path
     }
 
+    /// `Err(StorageFull)` while the data dir's filesystem has less than [`MIN_FREE_BYTES`]
+    /// free for us. If the space cannot be read, the write goes ahead (sled reports for itself).
+    fn ensure_space(&self) -> StoreResult<()> {
+        let Some(free) = free_bytes(&self.path) else {
+            return Ok(());
+        };
+        if free >= MIN_FREE_BYTES {
+            return Ok(());
+        }
+        Err(StoreError::StorageFull {
+            message: format!(
+                "the disk holding the data dir {} is full ({} KiB free; the store keeps {} MiB \
+                 in reserve): nothing was changed. Free space on that filesystem; writes resume \
+                 by themselves",
+                self.path.display(),
+                free / 1024,
+                MIN_FREE_BYTES / (1024 * 1024)
+            ),
+            restart_required: false,
+        })
+    }
+
     /// Runs `change` and the events it returns in one transaction over `trees` + meta + events,
     /// then (after commit) flushes if `durable` and publishes the events.
     fn write<T>(
@@ -149,6 +186,7 @@ impl SledStore {
         durable: bool,
         change: impl Fn(&[TransactionalTree]) -> TxResult<(T, Vec<EventDraft>)>,
     ) -> StoreResult<(T, Vec<Event>)> {
+        self.ensure_space()?;
         let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut all: Vec<&Tree> = vec![&self.meta, &self.events];
         all.extend_from_slice(trees);
@@ -249,6 +287,7 @@ impl SledStore {
 
 impl Store for SledStore {
     fn probe(&self) -> StoreResult<()> {
+        self.ensure_space()?;
         let stamp = crate::time::now_ms().to_be_bytes();
         self.meta.insert(b"probe", &stamp).map_err(backend)?;
         match self.meta.get(b"probe").map_err(backend)? {
@@ -261,6 +300,10 @@ impl Store for SledStore {
 
     fn flush(&self) -> StoreResult<()> {
         self.db.flush().map(|_| ()).map_err(backend)
+    }
+
+    fn check_writable(&self) -> StoreResult<()> {
+        self.ensure_space()
     }
 
     fn create_tenant(&self, tenant: &Tenant, actor: &str) -> StoreResult<Event> {
@@ -772,6 +815,7 @@ impl Store for SledStore {
         now_ms: u64,
         lease_ms: u64,
     ) -> StoreResult<IdempotencyClaim> {
+        self.ensure_space()?;
         let k = pair_key(tenant.as_str(), key);
         let fresh = IdempotencyRecord {
             tenant: tenant.clone(),
@@ -810,6 +854,7 @@ impl Store for SledStore {
         response: &StoredResponse,
         expires_ms: u64,
     ) -> StoreResult<()> {
+        self.ensure_space()?;
         let k = pair_key(tenant.as_str(), key);
         self.idempotency
             .transaction(|t| {
@@ -1135,7 +1180,37 @@ fn decode_seq(v: &[u8]) -> StoreResult<u64> {
 }
 
 fn backend(e: ::sled::Error) -> StoreError {
+    if let ::sled::Error::Io(io) = &e {
+        if io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(libc::ENOSPC) {
+            return StoreError::StorageFull {
+                message: "the disk holding the data dir ran full during a write and the store \
+                          stopped writing: free space on that filesystem, then restart the \
+                          control plane (writes come back only after a restart)"
+                    .into(),
+                restart_required: true,
+            };
+        }
+    }
     StoreError::Backend(e.to_string())
+}
+
+/// Bytes of `dir`'s filesystem this process may still write: `f_bavail`, or `f_bfree` for
+/// root (which may use the blocks reserved for it). `None` if `statvfs` fails.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs(3) with a NUL-terminated path into a zeroed struct we own; geteuid(2)
+    // cannot fail.
+    let (st, root) = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        (st, libc::geteuid() == 0)
+    };
+    let blocks = if root { st.f_bfree } else { st.f_bavail };
+    #[allow(clippy::useless_conversion)] // the field widths differ between targets
+    Some(u64::from(blocks).saturating_mul(u64::from(st.f_frsize)))
 }
 
 fn tx_error(e: TransactionError<StoreError>) -> StoreError {
@@ -1165,4 +1240,38 @@ fn encode_tx<T: Serialize>(v: &T) -> TxResult<Vec<u8>> {
     serde_json::to_vec(v).map_err(|e| {
         ConflictableTransactionError::Abort(StoreError::Backend(format!("encoding record: {e}")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_during_a_write_is_storage_full_and_asks_for_a_restart() {
+        let full = backend(::sled::Error::Io(std::io::Error::from_raw_os_error(
+            libc::ENOSPC,
+        )));
+        assert!(
+            matches!(
+                &full,
+                StoreError::StorageFull {
+                    restart_required: true,
+                    ..
+                }
+            ),
+            "{full:?}"
+        );
+        assert!(full.to_string().contains("restart"), "{full}");
+        let other = backend(::sled::Error::Io(std::io::Error::from_raw_os_error(
+            libc::EIO,
+        )));
+        assert!(matches!(other, StoreError::Backend(_)), "{other:?}");
+    }
+
+    #[test]
+    fn free_space_is_readable_for_the_data_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(free_bytes(dir.path()).is_some());
+        assert!(free_bytes(&dir.path().join("missing")).is_none());
+    }
 }
