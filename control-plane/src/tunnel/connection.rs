@@ -275,7 +275,16 @@ where
             Wake::Out(Outgoing::Close(cause)) => return End::Ordered(cause),
             Wake::Out(Outgoing::Frame(frame)) => (Some(frame), None),
             Wake::Tick if last_heard.elapsed() >= config.dead_after => return End::Dead,
-            Wake::Tick => (Some(WsMessage::Ping(Bytes::new())), None),
+            Wake::Tick => {
+                // Next wake: the next ping, or the moment the silence reaches `dead_after` if
+                // that is sooner. A pong lands just after each ping, so on ping ticks alone the
+                // silence is always a hair under 2×hb at the second tick and a dead peer was
+                // only seen at the third (3×hb).
+                let next_ping = Instant::now() + config.ping_interval;
+                let dead_at = last_heard + config.dead_after;
+                ticker.set_interval_at(next_ping.min(dead_at), config.ping_interval);
+                (Some(WsMessage::Ping(Bytes::new())), None)
+            }
             Wake::Frame(None) => return End::PeerClosed,
             Wake::Frame(Some(Err(WsError::Capacity(e)))) => {
                 tracing::info!(device = %conn.device_id(), error = %e, "oversize frame");
