@@ -39,6 +39,23 @@ pub struct ControlPlane {
     pub port: u16,
     pub token: String,
     child: Option<Child>,
+    options: CpOptions,
+}
+
+/// More settings for [`ControlPlane::start_with`]; the default is what
+/// [`ControlPlane::start`] does.
+#[derive(Debug, Clone, Default)]
+pub struct CpOptions {
+    /// A config file (TOML, e.g. a `[tunnel]` table) written next to the data dir and passed
+    /// with `--config`.
+    pub config: Option<String>,
+    /// Environment of the server process (e.g. `CODEMANTLE_LOG`).
+    pub env: Vec<(String, String)>,
+    /// The data dir (default `<dir>/data`), e.g. a directory on a small tmpfs. Must not exist
+    /// yet or be empty.
+    pub data_dir: Option<PathBuf>,
+    /// The address to listen on (default 127.0.0.1); the port is a free one as usual.
+    pub listen_ip: Option<std::net::IpAddr>,
 }
 
 /// A registered device: its id and the path of its key file (0600).
@@ -51,8 +68,16 @@ pub struct DeviceCredentials {
 impl ControlPlane {
     /// Initialises a store (owner token) and starts the server on a free port.
     pub fn start() -> ControlPlane {
+        ControlPlane::start_with(CpOptions::default())
+    }
+
+    /// [`ControlPlane::start`] with a config file, environment, data dir or listen address.
+    pub fn start_with(options: CpOptions) -> ControlPlane {
         let dir = tempfile::tempdir().expect("tempdir");
-        let data = dir.path().join("data");
+        let data = options
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("data"));
         let token = run_ok(
             Command::new(bin_path("codemantle-control-plane"))
                 .arg("--data-dir")
@@ -62,18 +87,38 @@ impl ControlPlane {
         .trim()
         .to_owned();
         assert!(token.starts_with("cmt_"), "init printed {token:?}");
+        if let Some(config) = &options.config {
+            std::fs::write(dir.path().join("control-plane.toml"), config).expect("write config");
+        }
         let mut cp = ControlPlane {
             dir,
             port: free_port(),
             token,
             child: None,
+            options,
         };
         cp.spawn();
         cp
     }
 
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+    /// The server's data dir.
+    pub fn data_dir(&self) -> PathBuf {
+        self.options
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
+    }
+
+    /// The listen address's IP.
+    pub fn ip(&self) -> std::net::IpAddr {
+        self.options
+            .listen_ip
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+    }
+
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn log_path(&self) -> PathBuf {
@@ -126,11 +171,17 @@ impl ControlPlane {
             .append(true)
             .open(self.log_path())
             .expect("log file");
-        let child = Command::new(bin_path("codemantle-control-plane"))
+        let mut cmd = Command::new(bin_path("codemantle-control-plane"));
+        if self.options.config.is_some() {
+            cmd.arg("--config")
+                .arg(self.dir.path().join("control-plane.toml"));
+        }
+        cmd.envs(self.options.env.iter().map(|(k, v)| (k, v)));
+        let child = cmd
             .arg("--data-dir")
             .arg(self.data_dir())
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(std::net::SocketAddr::new(self.ip(), self.port).to_string())
             .arg("serve")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
@@ -162,11 +213,14 @@ impl ControlPlane {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", std::net::SocketAddr::new(self.ip(), self.port))
     }
 
     pub fn ws_url(&self) -> String {
-        format!("ws://127.0.0.1:{}/ws", self.port)
+        format!(
+            "ws://{}/ws",
+            std::net::SocketAddr::new(self.ip(), self.port)
+        )
     }
 
     pub fn client(&self) -> Client {
@@ -202,6 +256,35 @@ impl ControlPlane {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Every event of the owner's tenant with a sequence number above `after`, in order
+    /// (paged through `GET /events`).
+    pub fn events_after(&self, after: u64) -> Vec<Value> {
+        let mut out: Vec<Value> = Vec::new();
+        let mut after = after;
+        loop {
+            let (status, body) = self.get(&format!("/events?after={after}&limit=1000"));
+            assert_eq!(status, 200, "{body}");
+            let page = body["events"].as_array().cloned().unwrap_or_default();
+            let Some(last) = page.last().and_then(|e| e["seq"].as_u64()) else {
+                return out;
+            };
+            after = last;
+            out.extend(page);
+        }
+    }
+}
+
+/// Asserts that `events` carry the sequence numbers `first, first+1, ...` with no gap or repeat.
+pub fn assert_gap_free(events: &[Value], first: u64) {
+    for (i, e) in events.iter().enumerate() {
+        let expected = first + i as u64;
+        assert_eq!(
+            e["seq"].as_u64(),
+            Some(expected),
+            "event #{i} should have seq {expected}: {e}"
+        );
     }
 }
 

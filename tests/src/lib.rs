@@ -1,13 +1,19 @@
 //! Helpers for end-to-end tests: start the real binaries on loopback, simulated daemons, a fake
 //! OpenCode and a mock LLM. The tests themselves live in `tests/tests/`.
 //!
+//! - [`apifuzz`]: a seeded HTTP API fuzzer for a real control plane (`cm-apifuzz`).
 //! - [`bins`]: where the real binaries are.
 //! - [`harness`]: the real control plane and daemon binaries as processes on loopback.
 //! - [`simdaemon`]: a simulated daemon (real handshake, in-memory file tree, fault injection).
+//! - [`fault`]: fault injection — signals, a small tmpfs, network namespaces and veth pairs.
+//! - [`fleet`]: many simulated daemons that reconnect with the daemon's full-jitter back-off.
 //! - [`fake_opencode`]: a fake `opencode serve` (health, sessions, scripted prompts, SSE
 //!   events, Basic auth) that any test executable can become.
 
+pub mod apifuzz;
 pub mod bins;
 pub mod fake_opencode;
+pub mod fault;
+pub mod fleet;
 pub mod harness;
 pub mod simdaemon;
