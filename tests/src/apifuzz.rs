@@ -508,12 +508,8 @@ fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
 
 // ---- the generator ---------------------------------------------------------------------------
 
-/// A route to start from: method, path template, body template.
-struct Route {
-    method: &'static str,
-    path: &'static str,
-    body: fn(&mut SplitMix64) -> Value,
-}
+/// A route to start from: method, path template (`{dev}` etc. are substituted), body template.
+type Route = (&'static str, &'static str, fn(&mut SplitMix64) -> Value);
 
 fn no_body(_: &mut SplitMix64) -> Value {
     Value::Null
@@ -563,232 +559,53 @@ fn push_body(_: &mut SplitMix64) -> Value {
     json!({ "template": "fuzz-1", "selector": {"env": "fuzz"}, "scope": "project", "apply_path": "opencode.json" })
 }
 
+/// Every route, as `(method, path template, body template)`.
 const ROUTES: &[Route] = &[
-    Route {
-        method: "GET",
-        path: "/health",
-        body: no_body,
-    },
-    Route {
-        method: "GET",
-        path: "/openapi.json",
-        body: no_body,
-    },
-    Route {
-        method: "GET",
-        path: "/metrics",
-        body: no_body,
-    },
-    Route {
-        method: "GET",
-        path: "/devices",
-        body: no_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices",
-        body: device_body,
-    },
-    Route {
-        method: "GET",
-        path: "/devices/{dev}",
-        body: no_body,
-    },
-    Route {
-        method: "DELETE",
-        path: "/devices/{victim}",
-        body: no_body,
-    },
-    Route {
-        method: "GET",
-        path: "/tokens",
-        body: no_body,
-    },
-    Route {
-        method: "POST",
-        path: "/tokens",
-        body: token_body,
-    },
-    Route {
-        method: "POST",
-        path: "/tokens/{tok}/revoke",
-        body: empty,
-    },
-    Route {
-        method: "GET",
-        path: "/events?after={n}&limit={n}",
-        body: no_body,
-    },
-    Route {
-        method: "GET",
-        path: "/events/stream?after={n}",
-        body: no_body,
-    },
-    Route {
-        method: "GET",
-        path: "/devices/{dev}/config/status/{n}",
-        body: no_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/dir",
-        body: path_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/mkdir",
-        body: path_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/rmdir",
-        body: path_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/rename",
-        body: rename_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/session/start",
-        body: session_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/session/status",
-        body: session_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/session/terminate",
-        body: session_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/prompt",
-        body: session_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/jit/kill",
-        body: empty,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/setup/status",
-        body: empty,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/setup/save",
-        body: empty,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/config/push",
-        body: push_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/git/status",
-        body: git_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/git/init",
-        body: git_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/git/clone",
-        body: git_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/git/add",
-        body: git_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/git/commit",
-        body: git_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/git/push",
-        body: git_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/git/pull",
-        body: git_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/git/branch",
-        body: git_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/git/checkout",
-        body: git_body,
-    },
-    Route {
-        method: "POST",
-        path: "/devices/{dev}/git/config",
-        body: git_body,
-    },
-    Route {
-        method: "GET",
-        path: "/sessions/{sid}/stream",
-        body: no_body,
-    },
-    Route {
-        method: "GET",
-        path: "/session/{sid}/snapshot",
-        body: no_body,
-    },
-    Route {
-        method: "GET",
-        path: "/config/templates",
-        body: no_body,
-    },
-    Route {
-        method: "POST",
-        path: "/config/templates",
-        body: template_body,
-    },
-    Route {
-        method: "GET",
-        path: "/config/template/schema",
-        body: no_body,
-    },
-    Route {
-        method: "POST",
-        path: "/config/templates/{tid}/compile",
-        body: empty,
-    },
-    Route {
-        method: "POST",
-        path: "/config/push",
-        body: push_body,
-    },
-    Route {
-        method: "GET",
-        path: "/config/mcp",
-        body: no_body,
-    },
-    Route {
-        method: "POST",
-        path: "/config/mcp",
-        body: mcp_body,
-    },
-    Route {
-        method: "GET",
-        path: "/ws",
-        body: no_body,
-    },
+    ("GET", "/health", no_body),
+    ("GET", "/openapi.json", no_body),
+    ("GET", "/metrics", no_body),
+    ("GET", "/devices", no_body),
+    ("POST", "/devices", device_body),
+    ("GET", "/devices/{dev}", no_body),
+    ("DELETE", "/devices/{victim}", no_body),
+    ("GET", "/tokens", no_body),
+    ("POST", "/tokens", token_body),
+    ("POST", "/tokens/{tok}/revoke", empty),
+    ("GET", "/events?after={n}&limit={n}", no_body),
+    ("GET", "/events/stream?after={n}", no_body),
+    ("GET", "/devices/{dev}/config/status/{n}", no_body),
+    ("POST", "/devices/{dev}/dir", path_body),
+    ("POST", "/devices/{dev}/mkdir", path_body),
+    ("POST", "/devices/{dev}/rmdir", path_body),
+    ("POST", "/devices/{dev}/rename", rename_body),
+    ("POST", "/devices/{dev}/session/start", session_body),
+    ("POST", "/devices/{dev}/session/status", session_body),
+    ("POST", "/devices/{dev}/session/terminate", session_body),
+    ("POST", "/devices/{dev}/prompt", session_body),
+    ("POST", "/devices/{dev}/jit/kill", empty),
+    ("POST", "/devices/{dev}/setup/status", empty),
+    ("POST", "/devices/{dev}/setup/save", empty),
+    ("POST", "/devices/{dev}/config/push", push_body),
+    ("POST", "/devices/{dev}/git/status", git_body),
+    ("POST", "/devices/{dev}/git/init", git_body),
+    ("POST", "/devices/{dev}/git/clone", git_body),
+    ("POST", "/devices/{dev}/git/add", git_body),
+    ("POST", "/devices/{dev}/git/commit", git_body),
+    ("POST", "/devices/{dev}/git/push", git_body),
+    ("POST", "/devices/{dev}/git/pull", git_body),
+    ("POST", "/devices/{dev}/git/branch", git_body),
+    ("POST", "/devices/{dev}/git/checkout", git_body),
+    ("POST", "/devices/{dev}/git/config", git_body),
+    ("GET", "/sessions/{sid}/stream", no_body),
+    ("GET", "/session/{sid}/snapshot", no_body),
+    ("GET", "/config/templates", no_body),
+    ("POST", "/config/templates", template_body),
+    ("GET", "/config/template/schema", no_body),
+    ("POST", "/config/templates/{tid}/compile", empty),
+    ("POST", "/config/push", push_body),
+    ("GET", "/config/mcp", no_body),
+    ("POST", "/config/mcp", mcp_body),
+    ("GET", "/ws", no_body),
 ];
 
 fn pick<'a, T>(rng: &mut SplitMix64, items: &'a [T]) -> &'a T {
@@ -856,14 +673,14 @@ fn number_variant(rng: &mut SplitMix64) -> String {
 }
 
 fn generate(rng: &mut SplitMix64, t: &Target) -> Case {
-    let route = pick(rng, ROUTES);
+    let &(route_method, route_path, route_body) = pick(rng, ROUTES);
     let mut kind = "route";
     let mut wire_malformed = false;
     let mut oversize = false;
 
     // Method.
     let method: Vec<u8> = if chance(rng, 80) {
-        route.method.as_bytes().to_vec()
+        route_method.as_bytes().to_vec()
     } else {
         kind = "method";
         let m = *pick(
@@ -883,7 +700,7 @@ fn generate(rng: &mut SplitMix64, t: &Target) -> Case {
 
     // Path: ids substituted, maybe tricked.
     let mut path: Vec<u8> = Vec::new();
-    let template = route.path;
+    let template = route_path;
     let mut rest = template;
     while let Some(open) = rest.find('{') {
         path.extend_from_slice(&rest.as_bytes()[..open]);
@@ -1015,7 +832,7 @@ fn generate(rng: &mut SplitMix64, t: &Target) -> Case {
     }
 
     // Body.
-    let template_body = (route.body)(rng);
+    let template_body = route_body(rng);
     let mut body: Vec<u8> = if template_body.is_null() {
         Vec::new()
     } else {
