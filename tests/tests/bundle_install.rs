@@ -117,6 +117,8 @@ fn install_into_a_root_lays_out_what_the_units_expect() {
     // State directories are private; configs are not world-readable.
     assert_eq!(mode(&root.join("var/lib/codemantle")), 0o700);
     assert_eq!(mode(&root.join("var/lib/codemantle-cp")), 0o700);
+    // The process guard's per-session HOME/TMPDIR (process.private_dir) exists and is private.
+    assert_eq!(mode(&root.join("var/lib/codemantle-private")), 0o700);
     assert_eq!(mode(&root.join("etc/codemantle/daemon.toml")), 0o640);
     let passwd = std::fs::read_to_string(root.join("etc/passwd")).expect("sysusers wrote passwd");
     assert!(
