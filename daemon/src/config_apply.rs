@@ -61,7 +61,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io::Write as _;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use codemantle_protocol::canonical;
 use codemantle_protocol::config_signature::{
@@ -265,6 +265,40 @@ pub struct SessionInit {
     pub received_ms: u64,
 }
 
+/// The environment variable OpenCode reads an inline JSON config from (merged over its config
+/// files; see `shared/reference/opencode.md`).
+pub const OPENCODE_CONFIG_CONTENT_ENV: &str = "OPENCODE_CONFIG_CONTENT";
+
+impl SessionInit {
+    /// The OpenCode inline config (for [`OPENCODE_CONFIG_CONTENT_ENV`]) this payload asks for,
+    /// kept minimal: `model` from `routing.defaultModel` (when it is a non-empty string), and
+    /// `mcp.<alias>.enabled` (`status != "disabled"`) for each MCP tool, by alias only — the
+    /// server definitions themselves come from the project's runtime config. Providers are not
+    /// translated: a session-init payload carries no provider settings, only names. `None` when
+    /// there is nothing to pass.
+    pub fn opencode_config(&self) -> Option<Value> {
+        let mut out = Map::new();
+        if let Some(model) = self
+            .routing
+            .get("defaultModel")
+            .and_then(Value::as_str)
+            .filter(|m| !m.is_empty())
+        {
+            out.insert("model".to_owned(), Value::String(model.to_owned()));
+        }
+        let mut mcp = Map::new();
+        for tool in self.mcp_tools.iter().filter(|t| !t.alias.is_empty()) {
+            let mut entry = Map::new();
+            entry.insert("enabled".to_owned(), Value::Bool(tool.status != "disabled"));
+            mcp.insert(tool.alias.clone(), Value::Object(entry));
+        }
+        if !mcp.is_empty() {
+            out.insert("mcp".to_owned(), Value::Object(mcp));
+        }
+        (!out.is_empty()).then_some(Value::Object(out))
+    }
+}
+
 /// Why the session-init store failed (only its sled backing can).
 #[derive(Debug, thiserror::Error)]
 pub enum SessionInitStoreError {
@@ -441,7 +475,7 @@ pub struct ConfigApplier {
     restricted_keys: BTreeSet<String>,
     restricted_tools: BTreeSet<String>,
     signing_key: ConfigSigningKey,
-    session_inits: SessionInitStore,
+    session_inits: Arc<SessionInitStore>,
     fault: Mutex<Option<ApplyFault>>,
 }
 
@@ -490,15 +524,26 @@ impl ConfigApplier {
             restricted_keys: settings.restricted_keys.into_iter().collect(),
             restricted_tools: settings.restricted_tools.into_iter().collect(),
             signing_key: ConfigSigningKey::derive(device_secret),
-            session_inits: SessionInitStore::in_memory(),
+            session_inits: Arc::new(SessionInitStore::in_memory()),
             fault: Mutex::new(None),
         })
     }
 
     /// Uses `store` for session-init payloads (e.g. one backed by a journal tree).
-    pub fn with_session_init_store(mut self, store: SessionInitStore) -> ConfigApplier {
+    pub fn with_session_init_store(self, store: SessionInitStore) -> ConfigApplier {
+        self.with_shared_session_init_store(Arc::new(store))
+    }
+
+    /// Uses `store`, shared with whoever consumes the payloads (the session manager).
+    pub fn with_shared_session_init_store(mut self, store: Arc<SessionInitStore>) -> ConfigApplier {
         self.session_inits = store;
         self
+    }
+
+    /// The session-init store, to share with the session manager (which takes the payloads
+    /// when sessions start).
+    pub fn shared_session_inits(&self) -> Arc<SessionInitStore> {
+        Arc::clone(&self.session_inits)
     }
 
     /// The session-init payloads received and not yet taken.

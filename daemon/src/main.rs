@@ -198,8 +198,10 @@ fn start(config: DaemonConfig, started: Instant) -> anyhow::Result<ExitCode> {
         config.idempotency.retention_s,
     )?);
     let roots = Arc::new(roots);
-    let mut dispatcher = Dispatcher::new(Arc::clone(&roots), Arc::clone(&journal))
-        .with_config_applier(Arc::new(config_applier(&config, &key, &journal)?));
+    let applier = Arc::new(config_applier(&config, &key, &journal)?);
+    let session_inits = applier.shared_session_inits();
+    let mut dispatcher =
+        Dispatcher::new(Arc::clone(&roots), Arc::clone(&journal)).with_config_applier(applier);
     let guard = process_guard(&config)?;
     match &guard {
         Some(guard) if guard.programs().any(|p| p == GIT_PROGRAM) => {
@@ -225,6 +227,7 @@ fn start(config: DaemonConfig, started: Instant) -> anyhow::Result<ExitCode> {
                 &journal,
                 Arc::new(SystemClock),
             )?;
+            manager.set_session_init_store(Arc::clone(&session_inits));
             tracing::info!(
                 port_range = ?config.session.port_range,
                 re_adopted = manager.sessions().len(),

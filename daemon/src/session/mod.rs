@@ -105,6 +105,7 @@ use futures_lite::FutureExt as _;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
+use crate::config_apply::{OPENCODE_CONFIG_CONTENT_ENV, SessionInit, SessionInitStore};
 use crate::guard::path::{RelPath, Roots};
 use crate::guard::process::{GuardedChild, NetPolicy, ProcessGuard, ProcessId, SpawnSpec, procfs};
 use crate::journal::{Journal, JournalError};
@@ -257,6 +258,8 @@ struct Inner {
     /// Starts are serialised: port choice and per-folder reuse must see each other.
     start_lock: smol::lock::Mutex<()>,
     ports_hook: Mutex<Option<PortsHook>>,
+    /// Session-init payloads the config applier stored; a session start takes its folder's.
+    session_inits: Mutex<Option<Arc<SessionInitStore>>>,
 }
 
 /// A running session.
@@ -324,9 +327,21 @@ impl SessionManager {
             live: Mutex::new(HashMap::new()),
             start_lock: smol::lock::Mutex::new(()),
             ports_hook: Mutex::new(None),
+            session_inits: Mutex::new(None),
         });
         inner.recover();
         Ok(SessionManager { inner })
+    }
+
+    /// Deliver session-init payloads from `store` (the one the config applier fills): each new
+    /// OpenCode takes its folder's payload (nearest ancestor's otherwise) as
+    /// `OPENCODE_CONFIG_CONTENT`; see [`SessionInit::opencode_config`]. One payload, one start.
+    pub fn set_session_init_store(&self, store: Arc<SessionInitStore>) {
+        *self
+            .inner
+            .session_inits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(store);
     }
 
     /// The output journal (the tunnel link sends from it).
@@ -456,12 +471,41 @@ impl SessionManager {
             }
             Reuse::None => {}
         }
-        match Arc::clone(inner).launch(&id, folder, dir, credential).await {
+        let store = inner
+            .session_inits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let init = store
+            .as_ref()
+            .and_then(|s| s.take_for_session(&rel, inner.clock.now_ms()));
+        match Arc::clone(inner)
+            .launch(&id, folder, dir, credential, init.as_ref())
+            .await
+        {
             Ok(record) => {
+                if let Some(init) = &init {
+                    tracing::info!(
+                        session = %id,
+                        template_id = %init.template_id,
+                        template_version = %init.template_version,
+                        digest = %init.digest,
+                        from_folder = %init.folder,
+                        "session-init payload applied"
+                    );
+                }
                 let url = editor_url(&record).filter(|u| u.len() <= MAX_SR_URL);
                 reply(true, &id, None, url)
             }
-            Err(f) => fail(&f.reason, &f.detail),
+            Err(f) => {
+                // Not delivered: keep it for the next start.
+                if let (Some(store), Some(init)) = (store, init) {
+                    if let Err(e) = store.put(init) {
+                        tracing::warn!(session = %id, "cannot keep the session-init payload: {e}");
+                    }
+                }
+                fail(&f.reason, &f.detail)
+            }
         }
     }
 
@@ -870,6 +914,7 @@ impl Inner {
         folder: String,
         dir: OwnedFd,
         credential: Option<jit::JitCredential>,
+        init: Option<&SessionInit>,
     ) -> Result<SessionRecord, StartFailure> {
         let record_folder = folder.clone();
         let directory = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))
@@ -896,6 +941,15 @@ impl Inner {
             env.extend(credential_env(c));
             secrets.push(c.token.clone());
             secrets.extend(c.env_pairs.iter().map(|(_, v)| v.clone()));
+        }
+        if let Some(cfg) = init.and_then(SessionInit::opencode_config) {
+            // After the credential's variables: the pushed session-init wins over a JIT env
+            // pair of the same name.
+            env.retain(|(n, _)| n != OPENCODE_CONFIG_CONTENT_ENV);
+            env.push((
+                OPENCODE_CONFIG_CONTENT_ENV.to_owned(),
+                cfg.to_string().into(),
+            ));
         }
         // Last, so nothing a credential sets can replace it.
         env.push((PASSWORD_ENV.to_owned(), password.clone().into()));
