@@ -746,7 +746,10 @@ fn a_json_daemon_never_receives_a_key_it_does_not_know() {
     let calls: Vec<(&str, Value)> = vec![
         ("dir", json!({"path": ".", "cursor": "c1", "limit": 5})),
         ("mkdir", json!({"path": "a/b"})),
-        ("rename", json!({"source": "a/b", "dest": "a/c"})),
+        (
+            "rename",
+            json!({"source": "a/b", "dest": "a/c", "overwrite": true}),
+        ),
         ("rmdir", json!({"path": "a/c"})),
         (
             "session/start",
@@ -804,6 +807,10 @@ fn a_json_daemon_never_receives_a_key_it_does_not_know() {
         json!({"source": "a", "dest": "b", "overwrite": false}),
     );
     assert_status(&r, 400, Some("unsupported_by_device"));
+    // Without `overwrite`, a rename replaces nothing: a 0.1.x daemon (which always replaces)
+    // needs the caller to ask.
+    let r = post(&owner, &dev("rename"), json!({"source": "a", "dest": "b"}));
+    assert_status(&r, 400, Some("overwrite_required"));
 
     let frames = sim.frames();
     let mut seen = std::collections::BTreeSet::new();

@@ -6,8 +6,10 @@
 //! Two options exist only for native daemons, and a 0.1.x daemon gets a 400
 //! `unsupported_by_device` instead of a silently different operation:
 //! - `rmdir` `recursive: true` (0.1.x removes empty directories only);
-//! - `rename` `overwrite: false` (0.1.x always replaces the destination). `overwrite` defaults
-//!   to `true`, 0.1.x's behaviour, so panel requests mean the same on both kinds of daemon.
+//! - `rename` without `overwrite: true` (0.1.x always replaces the destination). A rename never
+//!   replaces an existing destination unless asked (`overwrite` defaults to `false`), so on a
+//!   0.1.x daemon it needs an explicit `"overwrite": true` and is refused with 400
+//!   `overwrite_required` otherwise.
 
 use hyper::Response;
 use serde::Deserialize;
@@ -138,7 +140,7 @@ pub async fn rename(cmd: &Command<'_>) -> Result<Response<Body>, ApiError> {
     non_empty("source", &b.source)?;
     non_empty("dest", &b.dest)?;
     check_len("source", &b.source, 512)?;
-    let overwrite = b.overwrite.unwrap_or(true);
+    let overwrite = b.overwrite.unwrap_or(false);
     let build = |id| {
         Message::Rename(Rename {
             idempotency_key: None,
@@ -150,10 +152,25 @@ pub async fn rename(cmd: &Command<'_>) -> Result<Response<Body>, ApiError> {
         })
     };
     validate(build)?;
-    cmd.run(true, |key| async move {
-        cmd.reply(key.as_ref(), true, build).await
-    })
-    .await
+    let result = cmd
+        .run(true, |key| async move {
+            cmd.reply(key.as_ref(), true, build).await
+        })
+        .await;
+    match result {
+        Err(e) if e.code == "unsupported_by_device" && b.overwrite.is_none() => {
+            Err(ApiError::bad_request(
+                "overwrite_required",
+                format!(
+                    "device {} runs a 0.1.x daemon, which always replaces an existing \
+                     destination, and a rename replaces nothing unless asked: send \
+                     \"overwrite\": true to rename on this device",
+                    cmd.device.id()
+                ),
+            ))
+        }
+        other => other,
+    }
 }
 
 fn non_empty(field: &str, value: &str) -> Result<(), ApiError> {

@@ -205,7 +205,7 @@ fn device_op_body(op: DeviceOp) -> Value {
             "recursive": b("remove contents too (native daemons only)") }),
         DeviceOp::Rename => {
             json!({ "root": root, "source": s("source path"), "dest": s("destination path"),
-            "overwrite": b("replace an existing destination (default true, as 0.1.x; false needs a native daemon)") })
+            "overwrite": b("replace an existing destination (default false: a rename replaces nothing unless asked; a 0.1.x daemon always replaces, so on one it needs true)") })
         }
         DeviceOp::SessionStart => json!({
             "sessionId": s("^[A-Za-z0-9_-]{1,64}$; default ses_<random>"),
