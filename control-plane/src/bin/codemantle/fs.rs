@@ -36,9 +36,10 @@ pub enum FsCommand {
         device: String,
         source: String,
         dest: String,
-        /// Fail instead of replacing an existing destination (needs a native daemon).
+        /// Replace an existing destination (without it, a move never replaces anything; a
+        /// 0.1.x daemon always replaces, so it needs this flag).
         #[arg(long)]
-        no_clobber: bool,
+        overwrite: bool,
         #[arg(long)]
         idempotency_key: Option<String>,
     },
@@ -98,12 +99,12 @@ pub async fn run(api: &Api, out: &Output, cmd: FsCommand) -> Result<(), CliError
             device,
             source,
             dest,
-            no_clobber,
+            overwrite,
             idempotency_key,
         } => {
             let mut body = json!({ "root": "cwd", "source": source, "dest": dest });
-            if no_clobber {
-                body["overwrite"] = Value::Bool(false);
+            if overwrite {
+                body["overwrite"] = Value::Bool(true);
             }
             let what = format!("moved {source} to {dest}");
             done(api, out, &device, "rename", &body, idempotency_key, &what).await?;
