@@ -321,6 +321,10 @@ pub const CREDENTIAL_REF: TextLimit = TextLimit::new(1, 128).chars(Charset::Ref)
 pub const KILL_REASON: TextLimit = TextLimit::new(0, 128);
 /// `jv.m`: kill-switch outcome, 1..160.
 pub const KILL_OUTCOME: TextLimit = TextLimit::new(1, 160);
+/// `jr.tl`: shortest renewal lifetime in seconds (as [`crate::jit::MIN_TTL_MS`]).
+pub const MIN_JIT_TTL_SECS: u64 = crate::jit::MIN_TTL_MS / 1000;
+/// `jr.tl`: longest renewal lifetime in seconds (as [`crate::jit::MAX_TTL_MS`]).
+pub const MAX_JIT_TTL_SECS: u64 = crate::jit::MAX_TTL_MS / 1000;
 
 // ---------------------------------------------------------------------------------------------
 // Setup (`cf`/`cg`, `cu`/`cv`)

@@ -641,6 +641,18 @@ wire_object! {
 }
 
 wire_object! {
+    /// `pw` (CP → D, native only): flow-control credit for a streamed proxy answer. The
+    /// control plane's HTTP client has taken `bytes` more of request `i`'s body, so the daemon
+    /// may have that many more in flight. 0.1.x daemons never get it (and never wait for it).
+    pub struct ProxyWindow {
+        /// `i`: the `pr` request id.
+        pub request_id: u32 = "i" => RequestId,
+        /// `n`: bytes consumed since the last `pw`.
+        pub bytes: u32 = "n" => uint::<u32>((1, u32::MAX as u64)),
+    }
+}
+
+wire_object! {
     /// A message that carries only its request id: `pe` (end of a streamed proxy response) and
     /// `cf` (setup status query).
     pub struct RequestOnly {
@@ -834,6 +846,39 @@ wire_object! {
         /// `a`: number of credentials revoked.
         pub affected: u32 = "a" => uint::<u32>((0, u32::MAX as u64)),
         /// `m`: `daemon_not_ready`, `kill_switch_failed`.
+        pub message: Option<String> = "m" => Opt(Text(limits::KILL_OUTCOME)),
+    }
+}
+
+wire_object! {
+    /// `jr` (CP → D, native only): renew a running session's JIT credential — move its expiry
+    /// to `ttl_secs` from the daemon's now. The daemon only moves its own expiry timer: the
+    /// environment of the running OpenCode keeps the value it started with (a process's
+    /// environment cannot change from outside). 0.1.x daemons never get it: the control plane
+    /// refuses to send it to a JSON peer. Answered by `ju` (or `e`).
+    pub struct JitRenew {
+        /// `i`.
+        pub request_id: u32 = "i" => RequestId,
+        /// `s`: the session (ours or OpenCode's id).
+        pub session_id: String = "s" => Text(limits::SESSION_ID),
+        /// `tl`: the new lifetime in seconds from now, 15..=3600 (as at the start).
+        pub ttl_secs: u32 = "tl" => uint::<u32>((limits::MIN_JIT_TTL_SECS, limits::MAX_JIT_TTL_SECS)),
+        /// `ik`: idempotency key. Native only, like the message.
+        pub idempotency_key: Option<String> = "ik" => Opt(Text(limits::IDEMPOTENCY_KEY)); native,
+    }
+}
+
+wire_object! {
+    /// `ju` (D → CP, native only): outcome of `jr`.
+    pub struct JitRenewResult {
+        /// `i`.
+        pub request_id: u32 = "i" => RequestId,
+        /// `o`: success.
+        pub ok: bool = "o" => FLAG,
+        /// `e`: the new expiry, ms since the Unix epoch (when `o`).
+        pub expires_at_ms: Option<u64> = "e" => Opt(uint::<u64>((0, u64::MAX))),
+        /// `m`: why not: `session_not_found`, `session_ended`, `no_jit_credential`,
+        /// `jit_revoked`, `jit_expired`, `invalid_ttl`, `renew_failed`, `opencode_not_enabled`.
         pub message: Option<String> = "m" => Opt(Text(limits::KILL_OUTCOME)),
     }
 }
@@ -1288,8 +1333,10 @@ messages! {
     ProxyResponse(ProxyResponse) = "pv",
     /// `ps` (D → CP): proxy stream chunk.
     ProxyChunk(ProxyChunk) = "ps",
-    /// `pe` (D → CP): proxy stream end.
+    /// `pe` (D → CP): proxy stream end; (CP → D, native only): stop streaming it.
     ProxyEnd(RequestOnly) = "pe",
+    /// `pw` (CP → D, native only): proxy stream credit.
+    ProxyWindow(ProxyWindow) = "pw",
     /// `cf` (CP → D): setup status query.
     SetupStatusQuery(RequestOnly) = "cf",
     /// `cg` (D → CP): setup status.
@@ -1304,6 +1351,10 @@ messages! {
     JitKill(JitKill) = "jk",
     /// `jv` (D → CP): outcome of `jk`.
     JitKillResult(JitKillResult) = "jv",
+    /// `jr` (CP → D, native only): renew a session's JIT credential.
+    JitRenew(JitRenew) = "jr",
+    /// `ju` (D → CP, native only): outcome of `jr`.
+    JitRenewResult(JitRenewResult) = "ju",
     /// `gs` (CP → D): git status.
     GitStatus(PathRequest) = "gs",
     /// `gt` (D → CP): git status result.
@@ -1383,6 +1434,7 @@ impl Message {
             Message::SetupSave(_) => MessageKind::SetupSaveResult,
             Message::ConfigPush(_) => MessageKind::ConfigResult,
             Message::JitKill(_) => MessageKind::JitKillResult,
+            Message::JitRenew(_) => MessageKind::JitRenewResult,
             Message::MakeDir(_) => MessageKind::MakeDirResult,
             Message::RemoveDir(_) => MessageKind::RemoveDirResult,
             Message::Rename(_) => MessageKind::RenameResult,
@@ -1401,6 +1453,15 @@ impl Message {
             _ => return None,
         })
     }
+    /// True for messages only native (CBOR) peers exchange (`pw`, `jr`, `ju`): a 0.1.x JSON
+    /// peer would not know them, so they are never sent to one.
+    pub fn is_native_only(&self) -> bool {
+        matches!(
+            self,
+            Message::ProxyWindow(_) | Message::JitRenew(_) | Message::JitRenewResult(_)
+        )
+    }
+
     /// The native idempotency key (`ik`) of a mutating request, if it carries one.
     pub fn idempotency_key(&self) -> Option<&str> {
         match self {
@@ -1415,6 +1476,7 @@ impl Message {
             Message::SetupSave(m) => m.idempotency_key.as_deref(),
             Message::ConfigPush(m) => m.idempotency_key.as_deref(),
             Message::JitKill(m) => m.idempotency_key.as_deref(),
+            Message::JitRenew(m) => m.idempotency_key.as_deref(),
             Message::GitClone(m) => m.idempotency_key.as_deref(),
             Message::GitAdd(m) => m.idempotency_key.as_deref(),
             Message::GitCommit(m) => m.idempotency_key.as_deref(),
@@ -1442,6 +1504,7 @@ impl Message {
             Message::SetupSave(m) => m.idempotency_key = key,
             Message::ConfigPush(m) => m.idempotency_key = key,
             Message::JitKill(m) => m.idempotency_key = key,
+            Message::JitRenew(m) => m.idempotency_key = key,
             Message::GitClone(m) => m.idempotency_key = key,
             Message::GitAdd(m) => m.idempotency_key = key,
             Message::GitCommit(m) => m.idempotency_key = key,

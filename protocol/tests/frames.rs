@@ -5,7 +5,7 @@
 use codemantle_protocol::codec::{Codec, decode, encode};
 use codemantle_protocol::message::Message;
 
-const VECTORS: &str = include_str!("../../../shared/protocol/vectors.json");
+const VECTORS: &str = include_str!("data/vectors.json");
 
 fn captured() -> Vec<(String, String)> {
     let v: serde_json::Value = serde_json::from_str(VECTORS).expect("vectors.json parses");

@@ -191,8 +191,7 @@ fn encoder_refuses_what_the_receiver_would_drop() {
 #[test]
 fn config_push_carries_the_vector_payload_in_both_codecs() {
     let vectors: serde_json::Value =
-        serde_json::from_str(include_str!("../../../shared/protocol/vectors.json"))
-            .expect("vectors parse");
+        serde_json::from_str(include_str!("data/vectors.json")).expect("vectors parse");
     let runtime = &vectors["canonical"]["runtime"];
     let cfg: serde_json::Value =
         serde_json::from_str(runtime["json"].as_str().expect("json")).expect("cfg parses");
@@ -267,4 +266,58 @@ fn idempotency_key_is_native_only() {
     let mut reply = Message::error(ErrorCode::Path, Some(7), None);
     assert!(!reply.set_idempotency_key(Some("ik_0123456789abcdef".into())));
     assert_eq!(reply.idempotency_key(), None);
+}
+
+#[test]
+fn jit_renewal_is_a_native_only_request_reply_pair() {
+    let renew = Message::JitRenew(JitRenew {
+        idempotency_key: Some("ik_0123456789abcdef".into()),
+        request_id: 21,
+        session_id: "ses_renew1".into(),
+        ttl_secs: 600,
+    });
+    assert!(renew.is_native_only());
+    assert_eq!(renew.expected_reply_tag(), Some("ju"));
+    assert_eq!(renew.idempotency_key(), Some("ik_0123456789abcdef"));
+    let native = encode(&renew, Codec::Cbor).expect("cbor");
+    assert_eq!(decode(&native, Codec::Cbor).expect("decodes"), renew);
+
+    let ok = Message::JitRenewResult(JitRenewResult {
+        request_id: 21,
+        ok: true,
+        expires_at_ms: Some(1_732_000_600_000),
+        message: None,
+    });
+    assert!(ok.is_native_only());
+    assert!(renew.is_answered_by(&ok));
+    assert!(renew.is_answered_by(&Message::error(ErrorCode::Internal, Some(21), None)));
+    let native = encode(&ok, Codec::Cbor).expect("cbor");
+    assert_eq!(decode(&native, Codec::Cbor).expect("decodes"), ok);
+    let refused = Message::JitRenewResult(JitRenewResult {
+        request_id: 22,
+        ok: false,
+        expires_at_ms: None,
+        message: Some("jit_revoked".into()),
+    });
+    assert!(!renew.is_answered_by(&refused), "another request id");
+
+    // The 0.1.x messages are not native-only.
+    assert!(!Message::GitInit(path_request(3)).is_native_only());
+
+    // The lifetime is 15..=3600 s, as at the start: anything else is not sent.
+    for ttl_secs in [0, 14, 3601] {
+        let bad = Message::JitRenew(JitRenew {
+            idempotency_key: None,
+            request_id: 1,
+            session_id: "ses_renew1".into(),
+            ttl_secs,
+        });
+        assert!(
+            matches!(
+                encode(&bad, Codec::Cbor),
+                Err(EncodeError::Limit { key: "tl", .. })
+            ),
+            "ttl {ttl_secs}"
+        );
+    }
 }

@@ -809,6 +809,45 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
                 })
                 .boxed(),
         ),
+        (
+            "jr",
+            (any::<u32>(), session_id(), 15u32..=3600)
+                .prop_map(|(request_id, session_id, ttl_secs)| {
+                    Message::JitRenew(JitRenew {
+                        idempotency_key: None,
+                        request_id,
+                        session_id,
+                        ttl_secs,
+                    })
+                })
+                .boxed(),
+        ),
+        (
+            "ju",
+            (
+                any::<u32>(),
+                any::<bool>(),
+                opt(any::<u64>().boxed()),
+                opt(text(1, 160)),
+            )
+                .prop_map(|(request_id, ok, expires_at_ms, message)| {
+                    Message::JitRenewResult(JitRenewResult {
+                        request_id,
+                        ok,
+                        expires_at_ms,
+                        message,
+                    })
+                })
+                .boxed(),
+        ),
+        (
+            "pw",
+            (any::<u32>(), 1u32..)
+                .prop_map(|(request_id, bytes)| {
+                    Message::ProxyWindow(ProxyWindow { request_id, bytes })
+                })
+                .boxed(),
+        ),
         ("gs", path_request().prop_map(Message::GitStatus).boxed()),
         (
             "gt",
@@ -1065,8 +1104,8 @@ fn all_messages() -> Vec<(&'static str, BoxedStrategy<Message>)> {
 const KNOWN_TAGS: &[&str] = &[
     "h1", "h2", "e", "p", "pl", "dr", "ds", "md", "mr", "rd", "rr", "rn", "rp", "si", "sr", "st",
     "sq", "sv", "sl", "sc", "sa", "sp", "pr", "pv", "ps", "pe", "cf", "cg", "cu", "cv", "cc", "jk",
-    "jv", "gs", "gt", "gi", "gj", "gk", "gl", "ga", "gb", "gp", "go", "gh", "gd", "gm", "gn", "gc",
-    "gu", "gx", "gy", "gf", "gv", "gq",
+    "jv", "jr", "ju", "pw", "gs", "gt", "gi", "gj", "gk", "gl", "ga", "gb", "gp", "go", "gh", "gd",
+    "gm", "gn", "gc", "gu", "gx", "gy", "gf", "gv", "gq",
 ];
 
 fn any_message() -> impl Strategy<Value = Message> {

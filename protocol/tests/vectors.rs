@@ -1,15 +1,14 @@
 //! Every vector in `shared/protocol/vectors.json` that concerns the handshake, the JIT token and
 //! the canonical digest, plus the worked examples from the 0.1.50 daemon reference.
 //!
-//! The vectors file lives beside the repository (`X/main` and `X/shared`), in CI as well.
+//! The suite reads a copy kept in the repository (`protocol/tests/data/vectors.json`), so a
+//! clone builds and tests on its own; `vendored_vectors_match_the_shared_spec` checks the copy
+//! against the spec's file whenever the spec sits beside the repository (`X/main`, `X/shared`).
 
 use codemantle_protocol::canonical::{canonical_json, digest};
 use serde_json::{Map, Value};
 
-const VECTORS_PATH: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../shared/protocol/vectors.json"
-);
+const VECTORS_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/vectors.json");
 
 fn vectors() -> Value {
     let text = std::fs::read_to_string(VECTORS_PATH).unwrap_or_else(|e| {
@@ -369,4 +368,23 @@ fn jit_captured_si_frame() {
     assert_eq!(claims.session_id, s(&si, "/s"));
     assert_eq!(claims.expires_at_ms, cred.expires_at_ms);
     assert_eq!(claims.scope, cred.scope.unwrap());
+}
+
+/// The vendored copy is the spec's file, byte for byte (checked when the spec is beside us).
+#[test]
+fn vendored_vectors_match_the_shared_spec() {
+    let spec = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/protocol/vectors.json"
+    );
+    match std::fs::read(spec) {
+        Ok(spec_bytes) => {
+            let ours = std::fs::read(VECTORS_PATH).expect("vendored vectors");
+            assert!(
+                ours == spec_bytes,
+                "protocol/tests/data/vectors.json differs from {spec}: copy the spec's file over it"
+            );
+        }
+        Err(e) => eprintln!("{spec} not readable ({e}); only the vendored copy is used"),
+    }
 }
