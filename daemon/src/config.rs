@@ -18,7 +18,9 @@
 //! data_dir = "/var/lib/codemantle"      # sled journal lives here (default shown)
 //! handshake_timeout_s = 10
 //! exposed_ports = [3000, 8080]          # optional: local ports announced to the control plane
-//!                                       # (`pl`) for its port proxy; at most 24
+//!                                       # (`pl`) for its port proxy; at most 24. The proxy
+//!                                       # reaches only these and running sessions' ports
+//!                                       # (127.0.0.1 only; see `proxy`)
 //!
 //! [server]
 //! url = "wss://cp.example.com/ws"       # ws:// only for loopback or a lab
@@ -271,7 +273,8 @@ pub struct DaemonConfig {
     pub idempotency: IdempotencyConfig,
     pub log: LogConfig,
     /// Local TCP ports announced to the control plane in `pl` (ascending, unique, at most
-    /// [`MAX_EXPOSED_PORTS`]); empty means none. Sessions will add the ports they open.
+    /// [`MAX_EXPOSED_PORTS`]); empty means none. Sessions will add the ports they open. The
+    /// port proxy ([`crate::proxy`]) serves these and running sessions' ports, nothing else.
     pub exposed_ports: Vec<u16>,
     /// `[process]`: what the process guard may start, as whom, how confined ([`process`]).
     pub process: ProcessConfig,

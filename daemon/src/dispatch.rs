@@ -36,6 +36,13 @@
 //! ([`Outbound`]); session output itself goes through the manager's durable outbox, not
 //! through here. `sa` acknowledges output and has no reply.
 //!
+//! # Port proxy
+//!
+//! `pr` goes to the [`Proxy`] (see [`crate::proxy`]): a refusal or a small answer is the
+//! reply; a streamed answer (`pv ss:1`, `ps`*, `pe`) goes through the link's bounded stream
+//! lane ([`Outbound::send_stream`]) from a task of its own, so the request's slot is free
+//! again at once. `pe` *from* the control plane cancels that stream (its client went away).
+//!
 //! # Replies and the two codecs
 //!
 //! Handlers build the native reply (errors carry a human-readable `m`). [`shape_reply`] then
@@ -82,8 +89,8 @@ use codemantle_protocol::codec::{self, Codec};
 use codemantle_protocol::error::ErrorCode;
 use codemantle_protocol::message::{
     BranchAction, DirEntry, DirList, DirListing, FsResult, GitBranchResult, GitCommitResult,
-    GitConfigAction, GitConfigResult, GitLog, GitResult, GitStatusResult, JitKillResult, Message,
-    SessionResult, SessionStatus,
+    GitConfigAction, GitConfigResult, GitLog, GitResult, GitStatusResult, JitKillResult,
+    JitRenewResult, Message, SessionResult, SessionStatus,
 };
 
 use crate::config_apply::ConfigApplier;
@@ -91,6 +98,7 @@ use crate::fs;
 use crate::git::{GitError, GitRunner};
 use crate::guard::path::{GuardError, RootDir, Roots};
 use crate::journal::{Journal, JournalError};
+use crate::proxy::Proxy;
 use crate::redact::redact_text;
 use crate::session::SessionManager;
 
@@ -115,25 +123,48 @@ pub struct Peer {
 /// Frames a handler sends on the link while it runs, ahead of its reply. Sending never waits:
 /// the link task writes queued frames in order (they are shaped for the peer's codec there,
 /// like replies). A frame queued after the link ended is dropped.
+///
+/// Long streams (proxied response bodies) use the *stream lane* instead
+/// ([`Outbound::send_stream`]): a bounded channel the link pulls from as fast as it writes, so
+/// a producer waits instead of piling frames up in memory.
 #[derive(Clone)]
-pub struct Outbound(async_channel::Sender<Message>);
+pub struct Outbound {
+    tx: async_channel::Sender<Message>,
+    lane: Option<async_channel::Sender<Message>>,
+}
 
 impl Outbound {
     /// Frames go into `tx`, the channel the link task also takes replies from.
     pub fn new(tx: async_channel::Sender<Message>) -> Outbound {
-        Outbound(tx)
+        Outbound { tx, lane: None }
+    }
+
+    /// Stream frames go into `lane`, a bounded channel the link task also takes frames from.
+    pub fn with_stream_lane(mut self, lane: async_channel::Sender<Message>) -> Outbound {
+        self.lane = Some(lane);
+        self
     }
 
     /// Queue `msg` without waiting; `false` if the link is gone (the frame is dropped).
     pub fn send(&self, msg: Message) -> bool {
-        self.0.try_send(msg).is_ok()
+        self.tx.try_send(msg).is_ok()
+    }
+
+    /// Queue a frame of a long stream, waiting while the stream lane is full; `false` if the
+    /// link is gone. Frames of one stream keep their order. Without a lane, like [`Self::send`].
+    pub async fn send_stream(&self, msg: Message) -> bool {
+        match &self.lane {
+            Some(lane) => lane.send(msg).await.is_ok(),
+            None => self.send(msg),
+        }
     }
 }
 
 impl std::fmt::Debug for Outbound {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Outbound")
-            .field("queued", &self.0.len())
+            .field("queued", &self.tx.len())
+            .field("lane", &self.lane.as_ref().map(async_channel::Sender::len))
             .finish()
     }
 }
@@ -141,7 +172,7 @@ impl std::fmt::Debug for Outbound {
 /// Two handles are equal when they feed the same link.
 impl PartialEq for Outbound {
     fn eq(&self, other: &Outbound) -> bool {
-        self.0.same_channel(&other.0)
+        self.tx.same_channel(&other.tx)
     }
 }
 
@@ -158,6 +189,8 @@ pub struct Dispatcher {
     config: Option<Arc<ConfigApplier>>,
     /// Present when `opencode` is on the process allowlist.
     sessions: Option<Arc<SessionManager>>,
+    /// The port proxy (`pr`); without it `pr` is answered `e INTERNAL`.
+    proxy: Option<Arc<Proxy>>,
 }
 
 impl std::fmt::Debug for Dispatcher {
@@ -168,6 +201,7 @@ impl std::fmt::Debug for Dispatcher {
             .field("git", &self.git)
             .field("config", &self.config)
             .field("sessions", &self.sessions)
+            .field("proxy", &self.proxy)
             .finish_non_exhaustive()
     }
 }
@@ -189,7 +223,14 @@ impl Dispatcher {
             git: None,
             config: None,
             sessions: None,
+            proxy: None,
         }
+    }
+
+    /// Port-proxy requests (`pr`, and `pe` cancelling a stream) go to `proxy`.
+    pub fn with_proxy(mut self, proxy: Arc<Proxy>) -> Dispatcher {
+        self.proxy = Some(proxy);
+        self
     }
 
     /// Session requests (`si st sq sp sl jk sa`) go to `sessions`. Without it they are
@@ -473,6 +514,38 @@ impl Dispatcher {
                     message: Some(OPENCODE_NOT_ENABLED.to_owned()),
                 })),
             },
+            Message::JitRenew(req) => match &self.sessions {
+                Some(sessions) => {
+                    self.once(&meta, peer, || sessions.renew_credential(req))
+                        .await
+                }
+                None => sessions_disabled(Message::JitRenewResult(JitRenewResult {
+                    request_id: req.request_id,
+                    ok: false,
+                    expires_at_ms: None,
+                    message: Some(OPENCODE_NOT_ENABLED.to_owned()),
+                })),
+            },
+
+            // -- Port proxy ------------------------------------------------------------------
+            Message::ProxyRequest(req) if self.proxy.is_some() => {
+                let proxy = self.proxy.as_ref()?;
+                return proxy.handle(req, peer).await;
+            }
+            // `pw` from the control plane: credit for a streamed answer.
+            Message::ProxyWindow(w) => {
+                if let Some(proxy) = &self.proxy {
+                    proxy.credit(&peer.sid, w.request_id, w.bytes);
+                }
+                return None;
+            }
+            // `pe` from the control plane: its client left; stop streaming that answer.
+            Message::ProxyEnd(end) => {
+                if let Some(proxy) = &self.proxy {
+                    proxy.cancel(&peer.sid, end.request_id);
+                }
+                return None;
+            }
 
             // -- Known requests this daemon does not carry out yet ---------------------------
             Message::ProxyRequest(_) | Message::SetupStatusQuery(_) | Message::SetupSave(_) => {
@@ -700,6 +773,7 @@ pub fn with_request_id(mut msg: Message, id: u32) -> Message {
         Message::SetupSaveResult(r) => r.request_id = id,
         Message::ConfigResult(r) => r.request_id = id,
         Message::JitKillResult(r) => r.request_id = id,
+        Message::JitRenewResult(r) => r.request_id = id,
         Message::GitStatusResult(r) => r.request_id = id,
         Message::GitInitResult(r)
         | Message::GitCloneResult(r)

@@ -24,6 +24,8 @@
 //!   (`sc` persisted before sending, acknowledged by `sa`, re-sent after a reconnect).
 //! - [`tunnel`]: the outbound WebSocket: TLS trust, h1/h2, CBOR-first with JSON fallback,
 //!   heartbeat and liveness, reconnect.
+//! - [`proxy`]: the port proxy (`pr` → `pv`/`ps`/`pe`) to running sessions' ports and the
+//!   configured `exposed_ports` on 127.0.0.1, streamed with backpressure.
 //! - [`dispatch`]: request → handler (the one registration `match`), idempotent mutations.
 
 pub mod backoff;
@@ -34,6 +36,7 @@ pub mod fs;
 pub mod git;
 pub mod guard;
 pub mod journal;
+pub mod proxy;
 pub mod redact;
 pub mod session;
 pub mod tunnel;

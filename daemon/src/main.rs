@@ -242,7 +242,15 @@ fn start(config: DaemonConfig, started: Instant) -> anyhow::Result<ExitCode> {
             None
         }
     };
-    let dispatcher = Arc::new(dispatcher);
+    // The port proxy: running sessions' ports and the configured exposed_ports only.
+    let proxy = codemantle_daemon::proxy::Proxy::new(
+        codemantle_daemon::proxy::ProxySettings {
+            exposed_ports: config.exposed_ports.clone(),
+            ..Default::default()
+        },
+        sessions.clone(),
+    );
+    let dispatcher = Arc::new(dispatcher.with_proxy(Arc::new(proxy)));
 
     let config = Arc::new(config);
     let notifier = Arc::new(Notifier::from_env());
@@ -310,6 +318,12 @@ fn start(config: DaemonConfig, started: Instant) -> anyhow::Result<ExitCode> {
         .await;
     });
 
+    // Session output still held in open chunks goes to disk with the rest.
+    if let Some(sessions) = &sessions {
+        if let Err(e) = sessions.streams().flush() {
+            tracing::error!("storing session output at shutdown failed: {e}");
+        }
+    }
     if let Err(e) = journal.flush() {
         tracing::error!("flushing the journal at shutdown failed: {e}");
         return Ok(ExitCode::FAILURE);

@@ -26,7 +26,7 @@ use codemantle_protocol::message::{
 use common::{Fixture, names_in};
 use serde_json::{Value, json};
 
-const VECTORS: &str = include_str!("../../../shared/protocol/vectors.json");
+const VECTORS: &str = include_str!("../../protocol/tests/data/vectors.json");
 const SECRET: &str = "test-token-0123456789";
 const NOW: u64 = 1_700_000_000_000;
 

@@ -30,7 +30,7 @@ fn fake_opencode_entry() {
 const BASE: u16 = 46100;
 const LONG: Duration = Duration::from_secs(20);
 const SECRET: &str = "test-token-0123456789";
-const VECTORS: &str = include_str!("../../../shared/protocol/vectors.json");
+const VECTORS: &str = include_str!("../../protocol/tests/data/vectors.json");
 const APPLY_PATH: &str = "proj-a/.opencode/opencode.json";
 
 fn session_init_push(now_ms: u64) -> ConfigPush {

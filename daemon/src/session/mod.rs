@@ -41,7 +41,9 @@
 //!
 //! Events become chunks of the session's current stream in [`stream::StreamJournal`]: written
 //! to sled before they are sent, deleted when acknowledged (`sa`), re-sent after a reconnect,
-//! capped per session with explicit truncation markers. `server.heartbeat`/`server.connected`
+//! capped per session with explicit truncation markers (before the cap, the event reader
+//! pauses while more than half of it is unacknowledged: backpressure, not loss, for a burst
+//! faster than the link). `server.heartbeat`/`server.connected`
 //! are not forwarded. Events also go (with lifecycle records) into the device-wide replay log
 //! that `sl` reads ([`registry`]). Known secret values of the session (its password, the JIT
 //! token and extra values) are replaced by `***REDACTED***` in both.
@@ -98,8 +100,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use codemantle_protocol::error::ErrorCode;
 use codemantle_protocol::jit::{self, EnvAllowlist};
 use codemantle_protocol::message::{
-    JitKill, JitKillResult, Message, Prompt, ReplayLog, SessionResult, SessionStatus,
-    SessionStatusQuery, StartSession, StopSession, StreamAck, StreamChunk,
+    JitKill, JitKillResult, JitRenew, JitRenewResult, Message, Prompt, ReplayLog, SessionResult,
+    SessionStatus, SessionStatusQuery, StartSession, StopSession, StreamAck, StreamChunk,
 };
 use futures_lite::FutureExt as _;
 use nix::sys::signal::Signal;
@@ -143,6 +145,9 @@ pub struct SessionSettings {
     pub limits: StreamLimits,
     /// Env names a JIT credential may set (the three built-in ones are always allowed).
     pub jit_env_allowlist: EnvAllowlist,
+    /// Small events share chunks ([`StreamJournal::with_coalescing`]); off only for tests
+    /// that count one chunk per event.
+    pub coalesce_output: bool,
 }
 
 impl Default for SessionSettings {
@@ -156,6 +161,7 @@ impl Default for SessionSettings {
             stop_grace: Duration::from_secs(3),
             limits: StreamLimits::default(),
             jit_env_allowlist: EnvAllowlist::default(),
+            coalesce_output: true,
         }
     }
 }
@@ -255,6 +261,10 @@ struct Inner {
     streams: Arc<StreamJournal>,
     clock: Arc<dyn Clock>,
     live: Mutex<HashMap<String, Live>>,
+    /// Held for a whole [`Inner::finish`]: a second finisher of the same session (the exit
+    /// watcher racing a stop or an expiry) waits until the first has stored the ended record,
+    /// so nobody returns while the session is neither live nor recorded as ended.
+    finish_lock: Mutex<()>,
     /// Starts are serialised: port choice and per-folder reuse must see each other.
     start_lock: smol::lock::Mutex<()>,
     ports_hook: Mutex<Option<PortsHook>>,
@@ -316,7 +326,10 @@ impl SessionManager {
             return Err(SessionError::PortRange(lo, hi));
         }
         let registry = Registry::open(journal)?;
-        let streams = Arc::new(StreamJournal::open(journal, settings.limits)?);
+        let streams = Arc::new(
+            StreamJournal::open(journal, settings.limits)?
+                .with_coalescing(settings.coalesce_output),
+        );
         let inner = Arc::new(Inner {
             settings,
             roots,
@@ -325,6 +338,7 @@ impl SessionManager {
             streams,
             clock,
             live: Mutex::new(HashMap::new()),
+            finish_lock: Mutex::new(()),
             start_lock: smol::lock::Mutex::new(()),
             ports_hook: Mutex::new(None),
             session_inits: Mutex::new(None),
@@ -776,6 +790,85 @@ impl SessionManager {
         reply(true, affected, None)
     }
 
+    /// `jr` → `ju`: renew a running session's JIT credential — its expiry becomes `ttl_secs`
+    /// (15..=3600) from now, stored in the registry first so a restarted daemon keeps it.
+    ///
+    /// Only the daemon-side expiry moves: OpenCode's environment (the token and
+    /// `OPENCODE_JIT_TOKEN_EXPIRES_AT`) keeps the values it started with, because a running
+    /// process's environment cannot be changed from outside. A revoked credential or session
+    /// (kill switch) cannot be renewed, and neither can a session that has ended or never had a
+    /// credential.
+    pub async fn renew_credential(&self, req: JitRenew) -> Message {
+        let inner = &self.inner;
+        let reply = |expires_at_ms: Option<u64>, message: Option<&str>| {
+            Message::JitRenewResult(JitRenewResult {
+                request_id: req.request_id,
+                ok: message.is_none(),
+                expires_at_ms,
+                message: message.map(str::to_owned),
+            })
+        };
+        let ttl_ms = u64::from(req.ttl_secs).saturating_mul(1000);
+        if !(jit::MIN_TTL_MS..=jit::MAX_TTL_MS).contains(&ttl_ms) {
+            return reply(None, Some("invalid_ttl"));
+        }
+        let Some(id) = inner.resolve(&req.session_id) else {
+            // Not running: say whether the kill switch ended it, it ended otherwise, or it
+            // never was.
+            let why = match inner.registry.get(&req.session_id) {
+                None => "session_not_found",
+                Some(r) => {
+                    let ref_revoked = r.jit.as_ref().is_some_and(|j| {
+                        inner.registry.is_revoked(Revoked::Ref(&j.credential_ref))
+                    });
+                    if ref_revoked || inner.registry.is_revoked(Revoked::Session(&r.id)) {
+                        "jit_revoked"
+                    } else {
+                        "session_ended"
+                    }
+                }
+            };
+            return reply(None, Some(why));
+        };
+        let now = inner.clock.now_ms();
+        let record = {
+            let mut live = inner.lock_live();
+            let Some(l) = live.get_mut(&id) else {
+                return reply(None, Some("session_not_found"));
+            };
+            let Some(binding) = l.record.jit.as_ref() else {
+                return reply(None, Some("no_jit_credential"));
+            };
+            if inner
+                .registry
+                .is_revoked(Revoked::Ref(&binding.credential_ref))
+                || inner.registry.is_revoked(Revoked::Session(&id))
+            {
+                return reply(None, Some("jit_revoked"));
+            }
+            if now >= binding.expires_at_ms {
+                // Expired but not swept yet: it ends at the next sweep, not later.
+                return reply(None, Some("jit_expired"));
+            }
+            let mut record = l.record.clone();
+            if let Some(j) = record.jit.as_mut() {
+                j.expires_at_ms = now + ttl_ms;
+            }
+            record
+        };
+        // Durable before it counts: a failed write leaves the old expiry in force.
+        if let Err(e) = inner.registry.save(&record) {
+            tracing::error!(session = %id, "cannot store the renewed JIT expiry: {e}");
+            return reply(None, Some("renew_failed"));
+        }
+        let expires_at_ms = record.jit.as_ref().map(|j| j.expires_at_ms);
+        if let Some(l) = inner.lock_live().get_mut(&id) {
+            l.record.jit = record.jit.clone();
+        }
+        tracing::info!(session = %id, ttl_secs = req.ttl_secs, ?expires_at_ms, "JIT credential renewed");
+        reply(expires_at_ms, None)
+    }
+
     /// End sessions whose JIT credential expired or was revoked. [`SessionManager::run_sweeper`]
     /// calls it every second; tests call it after moving their clock.
     pub async fn sweep(&self) {
@@ -1215,6 +1308,7 @@ impl Inner {
 
     /// Forget running session `id`: close its stream, store it as ended, tell the port hook.
     fn finish(&self, id: &str, reason: &str, exit: Option<String>) {
+        let _finishing = self.finish_lock.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut live) = self.lock_live().remove(id) else {
             return;
         };
@@ -1419,6 +1513,8 @@ async fn pump_events(
     let mut next = first;
     let mut connected_before = next.is_some();
     let mut delay = Duration::from_millis(200);
+    // Set when a backpressure wait timed out: read on (the cap decides) until output drains.
+    let mut gave_up = false;
     loop {
         let mut events = match next.take() {
             Some(events) => events,
@@ -1457,6 +1553,7 @@ async fn pump_events(
         loop {
             match events.next().await {
                 Ok(Some(item)) => {
+                    gave_up = !wait_for_room(&weak, &id, gave_up).await;
                     let Some(inner) = weak.upgrade() else { return };
                     inner.on_event(&id, item);
                 }
@@ -1472,6 +1569,38 @@ async fn pump_events(
             return;
         }
         smol::Timer::after(delay).await;
+    }
+}
+
+/// Longest pause of a session's event reader while its unacknowledged output is high.
+const ROOM_WAIT: Duration = Duration::from_secs(2);
+
+/// Backpressure before the cap: while session `id` has more than half its cap of output
+/// unacknowledged, wait (up to [`ROOM_WAIT`]) for acks instead of reading on. OpenCode's event
+/// stream then waits in the socket (TCP flow control), so a burst faster than the link is
+/// slowed down rather than cut. Returns false when the wait timed out (the control plane is
+/// not acknowledging — offline, say); with `gave_up` (the previous wait timed out and output
+/// has not drained below half since) it does not wait again, so the reader keeps up with
+/// OpenCode and the cap drops output with its explicit markers instead of stalling OpenCode.
+async fn wait_for_room(weak: &Weak<Inner>, id: &str, gave_up: bool) -> bool {
+    let deadline = Instant::now() + ROOM_WAIT;
+    loop {
+        let high = {
+            let Some(inner) = weak.upgrade() else {
+                return true;
+            };
+            let limits = inner.streams.limits();
+            let usage = inner.streams.usage(id);
+            usage.bytes > limits.max_unacked_bytes / 2
+                || usage.chunks > limits.max_unacked_chunks / 2
+        };
+        if !high {
+            return true;
+        }
+        if gave_up || Instant::now() >= deadline {
+            return false;
+        }
+        smol::Timer::after(Duration::from_millis(2)).await;
     }
 }
 

@@ -142,6 +142,10 @@ pub struct Registry {
 struct LogState {
     next: u64,
     len: usize,
+    /// The oldest key (keys are consecutive: appended at `next`, trimmed from here), so
+    /// trimming removes by key instead of `pop_min`, which walks the tree from its start
+    /// (slower the more was deleted before it).
+    first: u64,
 }
 
 impl std::fmt::Debug for Registry {
@@ -162,11 +166,19 @@ impl Registry {
             None => 0,
         };
         let len = log.len();
+        let first = match log.first()? {
+            Some((k, _)) => k
+                .as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or(next),
+            None => next,
+        };
         Ok(Registry {
             sessions: journal.tree(TREE_SESSIONS)?,
             revocations: journal.tree(TREE_REVOCATIONS)?,
             log,
-            log_state: Mutex::new(LogState { next, len }),
+            log_state: Mutex::new(LogState { next, len, first }),
         })
     }
 
@@ -239,11 +251,13 @@ impl Registry {
         state.next += 1;
         state.len += 1;
         if state.len > LOG_KEEP + LOG_KEEP / 8 {
-            while state.len > LOG_KEEP {
-                match self.log.pop_min() {
+            while state.len > LOG_KEEP && state.first < state.next {
+                match self.log.remove(state.first.to_be_bytes()) {
                     Ok(Some(_)) => state.len -= 1,
-                    _ => break,
+                    Ok(None) => {}
+                    Err(_) => break,
                 }
+                state.first += 1;
             }
         }
     }

@@ -25,6 +25,16 @@
 //!   bytes were dropped. Markers and a stream's last chunk are always written, so a reader
 //!   always learns about the gap and always sees the end (`e: 1`).
 //!
+//! - **Small events share chunks** (the session manager's setting). With coalescing on, an
+//!   event that fits is appended to the stream's newest chunk while that chunk is still open:
+//!   kept in memory until the next flush starts, then written to sled once (with the stream
+//!   record) and never changed again — so nothing of it was durable, sent or acknowledged
+//!   before. An event read but still in an open tail when the daemon dies is lost, like one
+//!   still in the socket from OpenCode; nothing sent ever is. OpenCode's deltas are tens of bytes: one 8 KiB chunk then carries
+//!   hundreds of them, which divides the per-chunk costs (sled transaction, frame, the control
+//!   plane's store write, ack, SSE event) by as much. Latency does not grow: a chunk is frozen
+//!   as soon as a flush starts, which happens whenever the link is ready to send.
+//!
 //! # Stream text
 //!
 //! A stream's text (the `d` of its chunks, concatenated) is newline-delimited JSON: one
@@ -131,6 +141,20 @@ struct State {
     pending: BTreeMap<u64, ChunkKey>,
     usage: HashMap<String, Usage>,
     streams: HashMap<String, StreamRecord>,
+    /// Coalescing: each stream's newest chunk while no flush has started since it was
+    /// opened — in memory only, written to sled (with the stream record) when the next flush
+    /// starts, so small events grow it without rewriting it on disk each time.
+    tails: HashMap<String, Tail>,
+}
+
+/// An open (in-memory) last chunk of a stream; see [`State::tails`].
+#[derive(Debug)]
+struct Tail {
+    seq: u32,
+    order: u64,
+    session: String,
+    text: String,
+    last: bool,
 }
 
 /// The durable output streams of every session; see the module doc. Shared by the session
@@ -144,6 +168,8 @@ pub struct StreamJournal {
     flushed_below: Arc<AtomicU64>,
     /// A flush is running on the blocking pool.
     flushing: Arc<AtomicBool>,
+    /// Small events are appended to the stream's last chunk while no flush covers it yet.
+    coalesce: bool,
     wake_tx: async_channel::Sender<()>,
     wake_rx: async_channel::Receiver<()>,
 }
@@ -219,6 +245,7 @@ impl StreamJournal {
             state: Mutex::new(state),
             flushed_below,
             flushing: Arc::new(AtomicBool::new(false)),
+            coalesce: false,
             wake_tx,
             wake_rx,
         })
@@ -230,6 +257,13 @@ impl StreamJournal {
 
     fn wake(&self) {
         let _ = self.wake_tx.try_send(());
+    }
+
+    /// Coalesce small events into the stream's last chunk (see the module doc). Off by
+    /// default (one chunk per event, which unit tests rely on); the session manager turns it on.
+    pub fn with_coalescing(mut self, on: bool) -> StreamJournal {
+        self.coalesce = on;
+        self
     }
 
     /// The cap in force.
@@ -290,6 +324,28 @@ impl StreamJournal {
         let fits = usage.chunks + pieces.len() as u64 <= self.limits.max_unacked_chunks
             && usage.bytes + text.len() as u64 <= self.limits.max_unacked_bytes;
         let mut record = record;
+        if self.coalesce
+            && pieces.len() == 1
+            && record.dropped.is_none()
+            && usage.bytes + text.len() as u64 <= self.limits.max_unacked_bytes
+        {
+            if let Some(tail) = state.tails.get_mut(x) {
+                if !tail.last && tail.text.len() + text.len() <= MAX_CHUNK_BYTES {
+                    tail.text.push_str(text);
+                    tail.last = last;
+                    record.closed = last;
+                    state.usage.entry(record.session.clone()).or_default().bytes +=
+                        text.len() as u64;
+                    state.streams.insert(x.to_owned(), record);
+                    self.wake();
+                    return Ok(Appended::Stored { chunks: 1 });
+                }
+            }
+        }
+        if state.tails.contains_key(x) {
+            // Everything below writes to sled: the open tail goes first, keeping seq order.
+            self.materialize(&mut state, x)?;
+        }
         let mut written = 0;
         if !fits && !last {
             let dropped = record.dropped.get_or_insert(Dropped {
@@ -317,8 +373,89 @@ impl StreamJournal {
             let marker = resumed_marker(dropped);
             written += self.write_pieces(&mut state, x, &mut record, &[&marker], false)?;
         }
+        if self.coalesce && written == 0 && pieces.len() == 1 {
+            self.open_tail(&mut state, x, &mut record, text, last)?;
+            return Ok(Appended::Stored { chunks: 1 });
+        }
         written += self.write_pieces(&mut state, x, &mut record, &pieces, last)?;
         Ok(Appended::Stored { chunks: written })
+    }
+
+    /// Start stream `x`'s next chunk in memory (see [`State::tails`]).
+    fn open_tail(
+        &self,
+        state: &mut State,
+        x: &str,
+        record: &mut StreamRecord,
+        text: &str,
+        last: bool,
+    ) -> Result<(), StreamError> {
+        let seq = record.next_q;
+        record.next_q = seq
+            .checked_add(1)
+            .ok_or_else(|| StreamError::SequenceExhausted {
+                stream: x.to_owned(),
+                seq,
+            })?;
+        record.closed = last;
+        let order = state.next_order;
+        state.next_order += 1;
+        let usage = state.usage.entry(record.session.clone()).or_default();
+        usage.chunks += 1;
+        usage.bytes += text.len() as u64;
+        state.pending.insert(
+            order,
+            ChunkKey {
+                stream: x.to_owned(),
+                seq,
+            },
+        );
+        state.tails.insert(
+            x.to_owned(),
+            Tail {
+                seq,
+                order,
+                session: record.session.clone(),
+                text: text.to_owned(),
+                last,
+            },
+        );
+        state.streams.insert(x.to_owned(), record.clone());
+        self.wake();
+        Ok(())
+    }
+
+    /// Write stream `x`'s open tail to sled (chunk and stream record in one transaction).
+    fn materialize(&self, state: &mut State, x: &str) -> Result<(), StreamError> {
+        let Some(tail) = state.tails.remove(x) else {
+            return Ok(());
+        };
+        let key = encode_key(x, tail.seq);
+        let value = encode_value(tail.order, tail.last, &tail.session, &tail.text);
+        let record_bytes = state
+            .streams
+            .get(x)
+            .map(|r| serde_json::to_vec(r).unwrap_or_default())
+            .unwrap_or_default();
+        let written = (&self.chunks, &self.streams).transaction(|(chunks, streams)| {
+            chunks.insert(key.as_slice(), value.as_slice())?;
+            streams.insert(x.as_bytes(), record_bytes.as_slice())?;
+            Ok::<(), ConflictableTransactionError<()>>(())
+        });
+        if let Err(e) = written {
+            state.tails.insert(x.to_owned(), tail);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Write every open tail to sled.
+    fn materialize_all(&self, state: &mut State) -> Result<(), StreamError> {
+        let open: Vec<String> = state.tails.keys().cloned().collect();
+        for x in open {
+            self.materialize(state, &x)?;
+        }
+        Ok(())
     }
 
     fn save_record(
@@ -422,6 +559,15 @@ impl StreamJournal {
                 pending.insert(value.order, key);
             }
         }
+        for (x, t) in &state.tails {
+            pending.insert(
+                t.order,
+                ChunkKey {
+                    stream: x.clone(),
+                    seq: t.seq,
+                },
+            );
+        }
         state.pending = pending;
         drop(state);
         self.wake();
@@ -462,15 +608,33 @@ impl StreamJournal {
     /// is done, chunks below `upto` may be sent. Detached, so a dropped `next_frame` (the link
     /// picks another event) never loses a flush that was under way.
     fn start_flush(&self, upto: u64) {
-        if self.flushing.swap(true, Ordering::SeqCst) {
-            return;
+        {
+            // Under the state lock: open tails are written to sled first, so the flush covers
+            // them, and no append can change them afterwards (it opens a new chunk).
+            let mut state = self.lock();
+            if self.flushing.load(Ordering::SeqCst) {
+                return;
+            }
+            if let Err(e) = self.materialize_all(&mut state) {
+                // Not flushing now: nothing past this point may be sent before it is stored.
+                tracing::error!("cannot store session output ({e}); retrying at the next send");
+                return;
+            }
+            self.flushing.store(true, Ordering::SeqCst);
         }
         let tree = self.chunks.clone();
         let flushed_below = Arc::clone(&self.flushed_below);
         let flushing = Arc::clone(&self.flushing);
         let wake = self.wake_tx.clone();
         smol::unblock(move || {
-            match tree.flush() {
+            let started = std::time::Instant::now();
+            let flushed = tree.flush();
+            tracing::debug!(
+                bytes = flushed.as_ref().map_or(0, |b| *b),
+                micros = started.elapsed().as_micros() as u64,
+                "session output flushed"
+            );
+            match flushed {
                 Ok(_) => {
                     flushed_below.fetch_max(upto, Ordering::SeqCst);
                 }
@@ -521,6 +685,7 @@ impl StreamJournal {
 
     /// Flush to disk now.
     pub fn flush(&self) -> Result<(), StreamError> {
+        self.materialize_all(&mut self.lock())?;
         self.chunks.flush()?;
         Ok(())
     }
@@ -699,6 +864,58 @@ mod tests {
             s.append_event("streamAAA1", "x\n", false).unwrap(),
             Appended::NoStream
         );
+    }
+
+    #[test]
+    fn small_events_share_a_chunk_until_it_is_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("data"), 3600).unwrap();
+        let s = StreamJournal::open(&j, StreamLimits::default())
+            .unwrap()
+            .with_coalescing(true);
+        s.open_stream("streamKKK1", "ses1").unwrap();
+        for i in 0..3 {
+            s.append_event("streamKKK1", &format!("{{\"n\":{i}}}\n"), false)
+                .unwrap();
+        }
+        assert_eq!(s.queued(), 1, "three small events, one chunk");
+        assert!(
+            s.stored("streamKKK1").is_empty(),
+            "the open chunk is written when a flush starts, not per event"
+        );
+        assert_eq!(
+            s.usage("ses1"),
+            Usage {
+                chunks: 1,
+                bytes: 24
+            }
+        );
+        let sent = frames(&s);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(s.stored("streamKKK1"), sent, "sent only once stored");
+        assert_eq!(
+            (sent[0].seq, sent[0].data.as_str()),
+            (0, "{\"n\":0}\n{\"n\":1}\n{\"n\":2}\n")
+        );
+        // Sent (so flushed): the next event starts chunk 1; a chunk never outgrows the limit.
+        let big = "y".repeat(MAX_CHUNK_BYTES - 1);
+        s.append_event("streamKKK1", "a\n", false).unwrap();
+        s.append_event("streamKKK1", &big, false).unwrap();
+        s.append_event("streamKKK1", "end\n", true).unwrap();
+        let sent = frames(&s);
+        assert_eq!(
+            sent.iter()
+                .map(|c| (c.seq, c.data.len(), c.last))
+                .collect::<Vec<_>>(),
+            [(1, 2, false), (2, big.len(), false), (3, 4, true)]
+        );
+        // What was sent is what is stored, and it survives a reopen for re-sending.
+        drop(s);
+        let s = StreamJournal::open(&j, StreamLimits::default()).unwrap();
+        let stored = s.stored("streamKKK1");
+        assert_eq!(stored.len(), 4);
+        assert_eq!(stored[2].data, big);
+        assert_eq!((stored[3].data.as_str(), stored[3].last), ("end\n", true));
     }
 
     #[test]

@@ -309,10 +309,13 @@ impl Tunnel {
         let (reply_tx, reply_rx) = async_channel::unbounded::<Message>();
         // Handlers queue frames they send while running (git's `gq` lines) on the reply
         // channel too, so they go out in order and before the reply.
+        // Proxied response bodies go through a bounded lane: a pump waits while it is full.
+        let (lane_tx, lane_rx) =
+            async_channel::bounded::<Message>(crate::proxy::STREAM_LANE_FRAMES);
         let peer = Peer {
             codec,
             sid: session.sid,
-            outbound: Some(Outbound::new(reply_tx.clone())),
+            outbound: Some(Outbound::new(reply_tx.clone()).with_stream_lane(lane_tx)),
         };
         let permits = Arc::new(smol::lock::Semaphore::new(MAX_IN_FLIGHT));
 
@@ -349,6 +352,7 @@ impl Tunnel {
             // the replies.
             let event = async { Event::Frame(ws.next().await) }
                 .race(async { Event::Reply(reply_rx.recv().await.ok()) })
+                .race(async { Event::Reply(lane_rx.recv().await.ok()) })
                 .race(async {
                     self.ports.changed().await;
                     Event::Ports

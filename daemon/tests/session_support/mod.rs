@@ -139,6 +139,8 @@ impl World {
             port_range: (lo, lo + RANGE_SIZE - 1),
             start_timeout: Duration::from_secs(20),
             stop_grace: Duration::from_secs(2),
+            // These tests count one chunk per event.
+            coalesce_output: false,
             ..SessionSettings::default()
         };
         tweak(&mut settings);
