@@ -10,6 +10,13 @@
 //! log = "info"                           # tracing filter, e.g. "info,codemantle_control_plane=debug"
 //! public_metrics = false                 # serve /metrics without a token
 //! max_body_bytes = 1048576
+//! header_timeout_secs = 30               # time to send request headers (and the TLS handshake)
+//! body_timeout_secs = 30                 # time to send a whole request body; then 408 + close
+//! store_cache_mb = 8                     # the store's in-memory page cache (sled), MiB
+//! preview_host = "preview.example.test"  # optional: serve proxied device ports only as
+//!                                        # <port>-<device id>.preview.example.test (wildcard
+//!                                        # DNS + certificate), never on the API's origin;
+//!                                        # see `api::port`
 //!
 //! [tunnel]                               # daemon connections; every key optional
 //! heartbeat_secs = 25                    # `hb` sent in h2 and ping interval, 5..=120
@@ -20,12 +27,15 @@
 //! request_timeout_secs = 15
 //! git_timeout_secs = 180
 //! proxy_timeout_secs = 20
+//! session_start_timeout_secs = 45        # above the daemon's [session] start_timeout_s
 //! max_pending_per_device = 256           # requests in flight; more get 429 device_busy
 //! ```
 //!
 //! Env: `CODEMANTLE_CONFIG`, `CODEMANTLE_LISTEN`, `CODEMANTLE_DATA_DIR`, `CODEMANTLE_TLS_CERT`,
 //! `CODEMANTLE_TLS_KEY`, `CODEMANTLE_LOG_FORMAT`, `CODEMANTLE_LOG`, `CODEMANTLE_PUBLIC_METRICS`,
-//! `CODEMANTLE_MAX_BODY_BYTES`, `CODEMANTLE_HEARTBEAT_SECS`, `CODEMANTLE_LEGACY_TOKENS`.
+//! `CODEMANTLE_MAX_BODY_BYTES`, `CODEMANTLE_HEADER_TIMEOUT_SECS`, `CODEMANTLE_BODY_TIMEOUT_SECS`,
+//! `CODEMANTLE_STORE_CACHE_MB`, `CODEMANTLE_PREVIEW_HOST`, `CODEMANTLE_HEARTBEAT_SECS`,
+//! `CODEMANTLE_LEGACY_TOKENS`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -62,6 +72,10 @@ pub struct FileConfig {
     pub log: Option<String>,
     pub public_metrics: Option<bool>,
     pub max_body_bytes: Option<usize>,
+    pub header_timeout_secs: Option<u64>,
+    pub body_timeout_secs: Option<u64>,
+    pub store_cache_mb: Option<u64>,
+    pub preview_host: Option<String>,
     pub tunnel: Option<TunnelFileConfig>,
 }
 
@@ -77,6 +91,7 @@ pub struct TunnelFileConfig {
     pub request_timeout_secs: Option<u64>,
     pub git_timeout_secs: Option<u64>,
     pub proxy_timeout_secs: Option<u64>,
+    pub session_start_timeout_secs: Option<u64>,
     pub max_pending_per_device: Option<usize>,
 }
 
@@ -101,6 +116,15 @@ pub struct Config {
     pub log_filter: String,
     pub public_metrics: bool,
     pub max_body_bytes: usize,
+    /// Time a client has to send request headers (and finish the TLS handshake).
+    pub header_timeout: Duration,
+    /// Time a client has to send a whole request body after its headers (then 408, closed).
+    pub body_timeout: Duration,
+    /// The store's page cache (see [`crate::store::sled::DEFAULT_CACHE_BYTES`]).
+    pub store_cache_bytes: u64,
+    /// Host name of the preview origin for proxied ports (`None`: served on the API origin,
+    /// sandboxed).
+    pub preview_host: Option<String>,
     pub tunnel: TunnelConfig,
 }
 
@@ -195,6 +219,36 @@ impl Config {
                 .max_body_bytes
                 .unwrap_or(crate::api::http::MAX_BODY_BYTES),
         };
+        let header_timeout = http_timeout(
+            "header_timeout_secs",
+            "CODEMANTLE_HEADER_TIMEOUT_SECS",
+            file.header_timeout_secs,
+            env,
+        )?;
+        let body_timeout = http_timeout(
+            "body_timeout_secs",
+            "CODEMANTLE_BODY_TIMEOUT_SECS",
+            file.body_timeout_secs,
+            env,
+        )?;
+        let store_cache_mb = match env("CODEMANTLE_STORE_CACHE_MB") {
+            Some(v) => Some(v.parse::<u64>().map_err(|_| {
+                ConfigError(format!(
+                    "CODEMANTLE_STORE_CACHE_MB={v:?} is not a whole number of MiB"
+                ))
+            })?),
+            None => file.store_cache_mb,
+        };
+        let store_cache_bytes = match store_cache_mb {
+            Some(0) => return Err(ConfigError("store_cache_mb must be at least 1".into())),
+            Some(mb) => mb.saturating_mul(1024 * 1024),
+            None => crate::store::sled::DEFAULT_CACHE_BYTES,
+        };
+        let preview_host = match env("CODEMANTLE_PREVIEW_HOST").or(file.preview_host) {
+            Some(h) if h.trim().is_empty() => None,
+            Some(h) => Some(parse_preview_host(&h)?),
+            None => None,
+        };
         let tunnel = tunnel_config(file.tunnel.unwrap_or_default(), env)?;
         Ok(Config {
             listen,
@@ -204,9 +258,58 @@ impl Config {
             log_filter,
             public_metrics,
             max_body_bytes,
+            header_timeout,
+            body_timeout,
+            store_cache_bytes,
+            preview_host,
             tunnel,
         })
     }
+}
+
+/// Default of `header_timeout_secs` and `body_timeout_secs`.
+pub const DEFAULT_HTTP_TIMEOUT_SECS: u64 = 30;
+
+/// An HTTP read timeout: env `var` beats file key `name`; whole seconds, at least 1.
+fn http_timeout(
+    name: &str,
+    var: &str,
+    file: Option<u64>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Duration, ConfigError> {
+    let secs = match env(var) {
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| ConfigError(format!("{var}={v:?} is not a whole number of seconds")))?,
+        None => file.unwrap_or(DEFAULT_HTTP_TIMEOUT_SECS),
+    };
+    if secs == 0 {
+        return Err(ConfigError(format!(
+            "{name} must be at least 1 second (a slow client is cut off after it)"
+        )));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// A preview host: a DNS name of at least two labels, lower-cased, without port or scheme.
+fn parse_preview_host(h: &str) -> Result<String, ConfigError> {
+    let host = h.trim().trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if host.split('.').count() < 2 || !host.split('.').all(label_ok) {
+        return Err(ConfigError(format!(
+            "preview_host = {h:?} is not a host name: give a DNS name without scheme or port, \
+             e.g. \"preview.example.com\" (proxied ports are then served as \
+             <port>-<device id>.preview.example.com)"
+        )));
+    }
+    Ok(host)
 }
 
 fn tunnel_config(
@@ -255,6 +358,11 @@ fn tunnel_config(
         "proxy_timeout_secs",
         file.proxy_timeout_secs,
         t.dispatch.proxy_timeout,
+    )?;
+    t.dispatch.session_start_timeout = secs(
+        "session_start_timeout_secs",
+        file.session_start_timeout_secs,
+        t.dispatch.session_start_timeout,
     )?;
     if let Some(n) = file.max_pending_handshakes {
         t.max_unauthenticated = n;
@@ -408,7 +516,8 @@ mod tests {
         let file = dir.path().join("cp.toml");
         std::fs::write(
             &file,
-            "[tunnel]\ngit_timeout_secs = 600\nmax_pending_per_device = 8\n",
+            "[tunnel]\ngit_timeout_secs = 600\nmax_pending_per_device = 8\n\
+             session_start_timeout_secs = 90\n",
         )
         .expect("write");
         let flags = Overrides {
@@ -418,5 +527,64 @@ mod tests {
         let c = Config::load(&flags, &env_of(&[])).expect("load");
         assert_eq!(c.tunnel.dispatch.git_timeout, Duration::from_secs(600));
         assert_eq!(c.tunnel.dispatch.max_pending_per_device, 8);
+        assert_eq!(
+            c.tunnel.dispatch.session_start_timeout,
+            Duration::from_secs(90)
+        );
+    }
+
+    #[test]
+    fn http_read_timeouts() {
+        let c = Config::load(&Overrides::default(), &env_of(&[])).expect("load");
+        assert_eq!(
+            c.header_timeout,
+            Duration::from_secs(DEFAULT_HTTP_TIMEOUT_SECS)
+        );
+        assert_eq!(
+            c.body_timeout,
+            Duration::from_secs(DEFAULT_HTTP_TIMEOUT_SECS)
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("cp.toml");
+        std::fs::write(&file, "header_timeout_secs = 7\nbody_timeout_secs = 9\n").expect("write");
+        let flags = Overrides {
+            config_file: Some(file),
+            ..Default::default()
+        };
+        let c = Config::load(&flags, &env_of(&[])).expect("load");
+        assert_eq!(
+            (c.header_timeout, c.body_timeout),
+            (Duration::from_secs(7), Duration::from_secs(9))
+        );
+        let env = env_of(&[("CODEMANTLE_BODY_TIMEOUT_SECS", "3")]);
+        let c = Config::load(&flags, &env).expect("load");
+        assert_eq!(c.body_timeout, Duration::from_secs(3));
+        for bad in ["0", "-1", "soon"] {
+            for var in [
+                "CODEMANTLE_BODY_TIMEOUT_SECS",
+                "CODEMANTLE_HEADER_TIMEOUT_SECS",
+            ] {
+                let pairs = [(var, bad)];
+                let env = env_of(&pairs);
+                assert!(
+                    Config::load(&Overrides::default(), &env).is_err(),
+                    "{var}={bad}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn store_cache_size() {
+        let c = Config::load(&Overrides::default(), &env_of(&[])).expect("load");
+        assert_eq!(c.store_cache_bytes, crate::store::sled::DEFAULT_CACHE_BYTES);
+        let env = env_of(&[("CODEMANTLE_STORE_CACHE_MB", "64")]);
+        let c = Config::load(&Overrides::default(), &env).expect("load");
+        assert_eq!(c.store_cache_bytes, 64 * 1024 * 1024);
+        for bad in ["0", "-1", "lots"] {
+            let pairs = [("CODEMANTLE_STORE_CACHE_MB", bad)];
+            let env = env_of(&pairs);
+            assert!(Config::load(&Overrides::default(), &env).is_err(), "{bad}");
+        }
     }
 }

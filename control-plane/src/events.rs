@@ -6,12 +6,17 @@
 //! sees the subsequence of its own events. Consumers resume by sequence number: `GET /events`
 //! pages with `after`, the SSE stream replays after `Last-Event-ID` and then goes live.
 //!
-//! Live delivery is an in-process broadcast ([`EventBus`]) fed by the store **after** commit and
-//! in sequence order. Each subscriber has a bounded queue; a subscriber that falls behind is
+//! Nothing is visible before it is durable: the store serves and publishes an event only once
+//! a flush has put it on disk (the durable watermark, `store::durable`), so a client never sees
+//! an event that a crash could take back, or a seq that could later name another event.
+//!
+//! Live delivery is an in-process broadcast ([`EventBus`]) fed by the store's flusher **after**
+//! the event is durable and in sequence order. Each subscriber has a bounded queue; a subscriber that falls behind is
 //! dropped (its receiver ends) instead of slowing the writers, and resumes from the store by
 //! sequence number. A multi-instance deployment replaces the bus, not its users.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -126,9 +131,11 @@ impl CommandRecord {
     }
 }
 
-/// Records a finished device command: one `command` event (in the store, published live) and
-/// the `codemantle_commands_total` / `codemantle_command_duration_seconds` metrics. It writes
-/// to the store, so call it from async code through `smol::unblock`.
+/// Records a finished device command: one `command` event (in the store, published live once
+/// durable) and the `codemantle_commands_total` / `codemantle_command_duration_seconds`
+/// metrics. It writes to the store, so call it from async code through `smol::unblock` (or the
+/// tunnel's recorder thread); it does not wait for the flush — await
+/// [`crate::store::Store::when_durable`] with the event's seq before answering the caller.
 pub fn record_command(
     store: &dyn crate::store::Store,
     metrics: &crate::metrics::Metrics,
@@ -149,7 +156,7 @@ struct Subscriber {
 /// In-process broadcast of committed events.
 pub struct EventBus {
     subscribers: Mutex<Vec<Subscriber>>,
-    queue: usize,
+    queue: AtomicUsize,
 }
 
 impl Default for EventBus {
@@ -162,20 +169,26 @@ impl EventBus {
     pub fn with_queue(queue: usize) -> Self {
         EventBus {
             subscribers: Mutex::new(Vec::new()),
-            queue: queue.max(1),
+            queue: AtomicUsize::new(queue.max(1)),
         }
+    }
+
+    /// Changes the queue length of subscribers that subscribe from now on.
+    pub fn set_queue(&self, queue: usize) {
+        self.queue.store(queue.max(1), Ordering::Relaxed);
     }
 
     /// Subscribes to committed events of one tenant (`Some`) or of all tenants (`None`, for
     /// internal consumers such as the tunnel reacting to `device.removed`). The receiver ends
     /// when the subscriber fell behind (or the bus is gone): resume from the store by seq.
     pub fn subscribe(&self, tenant: Option<TenantId>) -> async_channel::Receiver<Event> {
-        let (tx, rx) = async_channel::bounded(self.queue);
+        let (tx, rx) = async_channel::bounded(self.queue.load(Ordering::Relaxed));
         self.lock().push(Subscriber { tenant, tx });
         rx
     }
 
-    /// Delivers `event` to matching subscribers. Must be called after commit, in seq order.
+    /// Delivers `event` to matching subscribers. Must be called once it is durable, in seq
+    /// order (the store's flusher does).
     pub fn publish(&self, event: &Event) {
         self.lock().retain(|s| {
             if s.tenant.as_ref().is_some_and(|t| *t != event.tenant) {

@@ -211,7 +211,19 @@ fn fs_and_sessions_commands_drive_a_device() {
         status.contains("running: yes") && status.contains("ses_cli"),
         "{status}"
     );
-    let logs = cli.ok(&["sessions", "logs", "ses_cli", "--tail", "10"]);
+    // The simulated daemon streams no output, so the stored stream is empty: the session's
+    // log on the device (`sl` snapshot) is what `--device-log` shows.
+    let out = cli.run(&["sessions", "logs", "ses_cli"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stream_not_found"));
+    let logs = cli.ok(&[
+        "sessions",
+        "logs",
+        "ses_cli",
+        "--device-log",
+        "--tail",
+        "10",
+    ]);
     assert!(
         logs.contains("[opencode] ready") && logs.contains("plain line"),
         "{logs}"

@@ -367,6 +367,68 @@ mod durable {
         assert!(store.stream_meta(&other, "dev", x).expect("meta").is_none());
     }
 
+    /// Collects the acks the commit thread hands to a connection.
+    #[derive(Default)]
+    struct Acks(std::sync::Mutex<Vec<u32>>);
+
+    impl codemantle_control_plane::streams::AckSink for Acks {
+        fn send_ack(&self, ack: codemantle_protocol::message::StreamAck) {
+            self.0.lock().unwrap().push(ack.seq);
+        }
+    }
+
+    #[test]
+    fn the_commit_thread_acks_cumulatively_after_the_flush() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = TenantId::parse("t").expect("tenant");
+        let x = "xcommit01";
+        let n = 200u32;
+        {
+            let store = open(dir.path());
+            let s = Streams::with_store(StreamsConfig::default(), store.clone());
+            s.register(&t, "dev", x, "ses1");
+            let sink = Arc::new(Acks::default());
+            let dyn_sink: Arc<dyn codemantle_control_plane::streams::AckSink> = sink.clone();
+            for q in 0..n {
+                // New chunks are acknowledged by the commit thread, never inline.
+                let inline = s.on_chunk_to(&t, "dev", sc(x, q, false), Arc::downgrade(&dyn_sink));
+                assert!(inline.is_none(), "chunk {q} acked before its flush");
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while sink.0.lock().unwrap().last() != Some(&(n - 1)) {
+                assert!(Instant::now() < deadline, "no ack for the last chunk");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let acks = sink.0.lock().unwrap().clone();
+            assert!(
+                acks.windows(2).all(|w| w[0] < w[1]),
+                "acks only grow: {acks:?}"
+            );
+            assert!(acks.len() <= n as usize);
+            // A re-sent duplicate is answered at once with what is durable.
+            let again = s.on_chunk_to(&t, "dev", sc(x, 5, false), Arc::downgrade(&dyn_sink));
+            assert_eq!(again.map(|a| a.seq), Some(n - 1));
+            // A gone connection: nothing to deliver to, and nothing breaks.
+            drop(dyn_sink);
+            drop(sink);
+            let gone: Arc<dyn codemantle_control_plane::streams::AckSink> =
+                Arc::new(Acks::default());
+            let weak = Arc::downgrade(&gone);
+            drop(gone);
+            assert!(s.on_chunk_to(&t, "dev", sc(x, n, true), weak).is_none());
+        } // "restart": what was acknowledged is in the store.
+        let store = open(dir.path());
+        let meta = store
+            .stream_meta(&t, "dev", x)
+            .expect("meta")
+            .expect("some");
+        assert!(
+            meta.next_seq >= n,
+            "acked chunks survive: {}",
+            meta.next_seq
+        );
+    }
+
     #[test]
     fn a_small_ring_reads_older_chunks_from_the_store() {
         let dir = tempfile::tempdir().expect("tempdir");

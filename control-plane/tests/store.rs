@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use codemantle_control_plane::events::{CommandRecord, kind};
+use codemantle_control_plane::events::{CommandRecord, EventDraft, kind};
 use codemantle_control_plane::secrets;
 use codemantle_control_plane::store::sled::SledStore;
 use codemantle_control_plane::store::*;
@@ -277,6 +277,11 @@ fn events_resume_after_restart_without_gaps() {
     let metrics = codemantle_control_plane::metrics::Metrics::new();
     let cmd =
         codemantle_control_plane::events::record_command(&store, &metrics, &rec).expect("append");
+    // A command record is served once durable.
+    store
+        .when_durable(cmd.seq)
+        .wait_blocking()
+        .expect("durable");
     let text = metrics.render(Default::default());
     assert!(text.contains("codemantle_commands_total{type=\"dr\",outcome=\"ok\"} 1"));
     assert_eq!(cmd.detail["duration_ms"], json!(12));
@@ -426,4 +431,112 @@ fn the_data_dir_is_private_and_single_process() {
         Ok(_) => panic!("a second open of a busy data dir must fail"),
         Err(e) => assert!(e.to_string().contains("in use by another process"), "{e}"),
     }
+}
+
+/// The durable watermark: an appended event is neither served nor published until a flush
+/// covers it, and an entity change does not return before that flush (its record is visible
+/// to plain reads at once, its event is not).
+#[test]
+fn events_are_served_and_published_only_once_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = std::sync::Arc::new(SledStore::open(dir.path()).expect("open"));
+    new_tenant(&store, "default");
+    let t = tenant("default");
+    let live = store.subscribe(Some(t.clone()));
+    let before = store.last_event_seq().expect("seq");
+
+    let hold = store.hold_flushes();
+    let ev = store
+        .append_event(EventDraft::new(
+            &t,
+            1,
+            "system",
+            kind::COMMAND,
+            json!({"n": 1}),
+        ))
+        .expect("append");
+    assert_eq!(ev.seq, before + 1);
+    // Written, not durable: not served, not published, not the watermark.
+    assert_eq!(store.events(&t, before, 100).expect("events"), vec![]);
+    assert!(
+        store
+            .recent_events(&t, 100)
+            .expect("tail")
+            .iter()
+            .all(|e| e.seq <= before)
+    );
+    assert_eq!(store.last_event_seq().expect("seq"), before);
+    assert!(live.try_recv().is_err());
+
+    // An entity change commits, then waits for the held flush.
+    let d = device("dev_durable_0001", "default");
+    let adder = std::thread::spawn({
+        let (store, d) = (store.clone(), d.clone());
+        move || store.create_device(&d, "token:abc")
+    });
+    codemantle_tests::harness::wait_until(
+        std::time::Duration::from_secs(10),
+        "the device record committed",
+        || store.device(&t, &d.id).expect("read").is_some(),
+    );
+    assert!(
+        !adder.is_finished(),
+        "create_device returned before its event was durable"
+    );
+    assert_eq!(store.events(&t, before, 100).expect("events"), vec![]);
+    assert!(live.try_recv().is_err());
+
+    drop(hold);
+    let added = adder.join().expect("thread").expect("create_device");
+    assert_eq!(added.seq, ev.seq + 1);
+    // Now both are durable: served, published in order, and the watermark.
+    store.when_durable(ev.seq).wait_blocking().expect("durable");
+    assert_eq!(
+        store.events(&t, before, 100).expect("events"),
+        vec![ev.clone(), added.clone()]
+    );
+    assert_eq!(
+        store.recent_events(&t, 2).expect("tail"),
+        vec![ev.clone(), added.clone()]
+    );
+    assert_eq!(store.last_event_seq().expect("seq"), added.seq);
+    assert_eq!(live.try_recv().ok(), Some(ev));
+    assert_eq!(live.try_recv().ok(), Some(added));
+}
+
+/// After a restart, what was durable is served again and the next seq follows it.
+#[test]
+fn durable_events_are_there_after_reopen_and_seqs_go_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t = tenant("default");
+    let last = {
+        let store = SledStore::open(dir.path()).expect("open");
+        new_tenant(&store, "default");
+        let mut last = 0;
+        for n in 0..50 {
+            last = store
+                .append_event(EventDraft::new(
+                    &t,
+                    n,
+                    "system",
+                    kind::COMMAND,
+                    json!({"n": n}),
+                ))
+                .expect("append")
+                .seq;
+        }
+        store.when_durable(last).wait_blocking().expect("durable");
+        last
+    };
+    let store = SledStore::open(dir.path()).expect("reopen");
+    assert_eq!(store.last_event_seq().expect("seq"), last);
+    let all = store.events(&t, 0, 1000).expect("events");
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=last).collect::<Vec<_>>()
+    );
+    let next = store
+        .append_event(EventDraft::new(&t, 99, "system", kind::COMMAND, json!({})))
+        .expect("append");
+    assert_eq!(next.seq, last + 1);
 }

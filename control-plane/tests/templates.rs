@@ -13,7 +13,7 @@ use codemantle_protocol::handshake::Secret;
 use codemantle_protocol::message::{ConfigPhase, ConfigScope, Message, PolicyMode};
 use serde_json::{Value, json};
 
-const VECTORS: &str = include_str!("../../../shared/protocol/vectors.json");
+const VECTORS: &str = include_str!("../../protocol/tests/data/vectors.json");
 const RUNTIME_DIGEST: &str = "ONZXJwtnH6lGkd_7abKdBsdsWYlcMfaZphV0Rm0NsvA";
 const SESSION_INIT_DIGEST: &str = "EVXZs_8_ELHbA1zpf9TNKUL6E8tyMZCOeSExeTkwems";
 

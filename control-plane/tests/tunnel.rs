@@ -270,7 +270,16 @@ fn native_and_json_daemons_connect_and_answer_directory_listings() {
     assert_eq!(native.params.heartbeat_secs, 25);
     assert_eq!(native.params.max_chunk_bytes, 8192);
 
-    let d = get(&owner, &format!("/devices/{native_id}")).json()["device"].clone();
+    // The connect record (host facts, agent version) is written on the recorder thread,
+    // so it can land a moment after the daemon has its h2.
+    let start = Instant::now();
+    let d = loop {
+        let d = get(&owner, &format!("/devices/{native_id}")).json()["device"].clone();
+        if d["host"]["hostname"] == "sim-host" || start.elapsed() > Duration::from_secs(10) {
+            break d;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(d["status"], "online");
     assert_eq!(d["host"]["hostname"], "sim-host");
     assert_eq!(d["agent_version"], "0.2.0-sim");

@@ -277,7 +277,9 @@ pub fn body_field(t: &str, key: &str) -> &'static str {
 }
 
 /// The daemon's reply as the 0.1.x JSON a panel expects (`{v,t,i,...}`). Directory entries
-/// keep their full size and mtime (0.1.x clamps them to uint32 on the wire).
+/// keep their full size and mtime (0.1.x clamps them to uint32 on the wire). A session
+/// status keeps the native `pt` (how the session's process is confined), an extra key a 0.1.x
+/// panel ignores, so API clients can see the protection level the host got.
 pub fn reply_json(reply: &Message) -> Value {
     let compat = reply.to_compat();
     let mut value = codec::encode(&compat, Codec::Json)
@@ -297,6 +299,11 @@ pub fn reply_json(reply: &Message) -> Value {
                 } => json!(["f", name, size, mtime_ms]),
             })
             .collect();
+    }
+    if let Message::SessionStatus(sv) = reply {
+        if let Some(pt) = &sv.protection {
+            value["pt"] = json!(pt);
+        }
     }
     value
 }
@@ -376,6 +383,26 @@ pub fn dispatch_error(e: DispatchError, device: &Device) -> ApiError {
             StatusCode::BAD_GATEWAY,
             "reply_too_large",
             format!("device {id} sent more than {limit} bytes; ask for less (e.g. a lower tail)"),
+        ),
+        DispatchError::Unrecorded {
+            reason,
+            storage_full,
+        } => ApiError::new(
+            if storage_full {
+                StatusCode::INSUFFICIENT_STORAGE
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
+            if storage_full {
+                "storage_full"
+            } else {
+                "store_unavailable"
+            },
+            format!(
+                "device {id} ran the command, but the control plane could not record it \
+                 ({reason}); free space on its data disk if it is full, then retry with the same \
+                 Idempotency-Key: the daemon answers from its journal without running it again"
+            ),
         ),
     }
 }

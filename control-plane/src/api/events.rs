@@ -2,10 +2,16 @@
 //!
 //! The live stream never loses or repeats an event across the switch from replay to live:
 //! it **subscribes first**, then replays from the store after the client's position, then
-//! forwards live events, dropping any whose seq it has already sent. The store publishes in
-//! seq order after commit, so every event with a higher seq than the last replayed one is
-//! either in the subscription queue or still to come. If the subscriber falls behind, the bus
-//! drops it; the stream notices, re-subscribes and replays from its last seq — still no gap.
+//! forwards live events, dropping any whose seq it has already sent. The store serves and
+//! publishes an event only once it is durable, in seq order, and moves its watermark before
+//! publishing, so every event with a higher seq than the last replayed one is either in the
+//! subscription queue or still to come. If the subscriber falls behind, the bus drops it; the
+//! stream notices, re-subscribes and replays from its last seq — still no gap.
+//!
+//! Neither route ever shows an event a crash could take back (see `store::durable`).
+//! `GET /events` first waits, briefly, for the flush that covers every event appended before
+//! the request (a read barrier): an answered command or a connect that happened before the
+//! request is in the page, not just in the next one.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -32,6 +38,9 @@ use crate::store::{Role, Store, TenantId};
 pub const DEFAULT_LIMIT: u64 = 100;
 pub const MAX_LIMIT: u64 = 1000;
 const REPLAY_PAGE: usize = 256;
+/// How long `GET /events` waits for its read barrier before serving what is durable already
+/// (the flush normally takes milliseconds; a failing or hung disk must not hang readers).
+const BARRIER_WAIT: Duration = Duration::from_secs(2);
 
 /// `GET /events?after=SEQ&limit=N` (viewer). Without `after`: the most recent `limit` events.
 pub async fn list(
@@ -50,6 +59,18 @@ pub async fn list(
         ));
     }
     let limit = limit as usize;
+    let barrier = async { Some(app.store.when_all_durable().wait().await) }
+        .or(async {
+            smol::Timer::after(BARRIER_WAIT).await;
+            None
+        })
+        .await;
+    match barrier {
+        Some(Ok(())) => {}
+        // Serve what is durable; the rest follows in a later page once flushed.
+        Some(Err(e)) => tracing::warn!(error = %e, "events read barrier: a flush failed"),
+        None => tracing::warn!("events read barrier: no flush within {BARRIER_WAIT:?}"),
+    }
     let (store, tenant) = (app.store.clone(), principal.tenant.clone());
     let events = smol::unblock(move || match after {
         Some(after) => store.events(&tenant, after, limit),
@@ -239,6 +260,7 @@ mod tests {
         for n in 0..3 {
             store.append_event(draft(&tenant, n)).expect("append");
         }
+        store.flush().expect("flush");
         let metrics = Arc::new(Metrics::new());
         let mut state = SseState {
             store: store.clone(),
@@ -274,6 +296,7 @@ mod tests {
                 store.append_event(draft(&tenant, n)).expect("append");
                 store.append_event(draft(&other, n)).expect("append");
             }
+            store.flush().expect("flush");
             for _ in 0..10 {
                 seen.push(
                     state

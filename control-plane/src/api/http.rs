@@ -1,8 +1,28 @@
 //! HTTP plumbing shared by the routes: the body type, JSON responses, request bodies with a
-//! size limit, path and query parsing.
+//! size limit and a time limit, path and query parsing.
+//!
+//! # Body read timeout
+//!
+//! hyper bounds the time to receive request *headers* (`header_read_timeout`) but not the body:
+//! a client that sends headers with `Content-Length: 1000000` and then trickles a byte a minute
+//! (or nothing) would hold a handler, its task and its connection forever. [`read_body`] gives
+//! the whole body a deadline and answers 408 `request_timeout`; the server closes such a
+//! connection after the 408 (`connection: close`), since the rest of the body may still arrive
+//! and cannot be told apart from the next request.
+//!
+//! The deadline is a property of the server, while handlers get hyper's bare
+//! [`Incoming`] body and call `read_body(body, limit)`. Rather than thread it through every
+//! handler, the listener runs each request inside [`with_body_timeout`], which makes the
+//! configured value visible to any `read_body` polled within that request (a scoped
+//! thread-local, set only while the request's future is being polled). Outside such a scope
+//! (unit tests, other embedders) [`DEFAULT_BODY_TIMEOUT`] applies.
 
+use std::cell::Cell;
 use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
 
+use futures_lite::FutureExt as _;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -64,9 +84,72 @@ impl JsonReply {
     }
 }
 
-/// Reads the whole request body, refusing more than `limit` bytes (413 `payload_too_large`).
+/// Time a client has to send a whole request body when the server was not told otherwise
+/// (`body_timeout_secs` in the config).
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+thread_local! {
+    /// The body timeout of the request whose future this thread is polling right now.
+    static BODY_TIMEOUT: Cell<Option<Duration>> = const { Cell::new(None) };
+}
+
+/// Restores the previous [`BODY_TIMEOUT`] when one poll of a request ends (even by unwinding).
+struct BodyTimeoutScope(Option<Duration>);
+
+impl Drop for BodyTimeoutScope {
+    fn drop(&mut self) {
+        BODY_TIMEOUT.set(self.0);
+    }
+}
+
+/// Runs one request's handling (`respond`) with `timeout` as the deadline of every
+/// [`read_body`] in it, and marks a 408 response `connection: close` (the unread rest of the
+/// body must not be parsed as the next request). See the module docs.
+pub async fn with_body_timeout<F>(timeout: Duration, respond: F) -> Response<Body>
+where
+    F: Future<Output = Response<Body>>,
+{
+    let mut respond = std::pin::pin!(respond);
+    let mut response = std::future::poll_fn(|cx| {
+        let _scope = BodyTimeoutScope(BODY_TIMEOUT.replace(Some(timeout)));
+        respond.as_mut().poll(cx)
+    })
+    .await;
+    if response.status() == StatusCode::REQUEST_TIMEOUT {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Reads the whole request body, refusing more than `limit` bytes (413 `payload_too_large`)
+/// and a body that does not arrive completely within the request's body timeout (408
+/// `request_timeout`; see the module docs).
 pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
+    let timeout = BODY_TIMEOUT.get().unwrap_or(DEFAULT_BODY_TIMEOUT);
+    let collected = async { Some(Limited::new(body, limit).collect().await) }
+        .or(async {
+            smol::Timer::after(timeout).await;
+            None
+        })
+        .await;
+    let Some(collected) = collected else {
+        tracing::info!(
+            timeout_ms = timeout.as_millis() as u64,
+            "request body not received in time; answering 408 and closing the connection"
+        );
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s of the headers; send the whole \
+                 body at once (check Content-Length) and retry",
+                timeout.as_secs_f64()
+            ),
+        ));
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -13,9 +13,17 @@
 //!    daemon's own journal de-duplicates a re-dispatch.)
 //! 5. Same key, different request → 422 `idempotency_key_reused`; same key while the first is
 //!    still running → 409 `idempotency_key_in_progress`.
+//! 6. "Still running" means running in this process ([`InFlight`]). The store has one owner
+//!    process (sled locks its directory), so a claim without a response that this process is
+//!    not working on was left behind — by a control plane killed mid-request, or by a request
+//!    whose response could not be stored (full disk) — and is taken over at once: the retry
+//!    runs instead of getting 409 until the lease ran out (found by the soak, `cm-soak`).
+//!    A device command re-dispatched this way carries the same derived request id, so the
+//!    daemon's journal answers it without running it twice.
 
+use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use hyper::header::HeaderValue;
 use hyper::{HeaderMap, Method, Response, StatusCode};
@@ -89,8 +97,11 @@ where
     let Some(key) = IdempotencyKey::from_headers(&principal.tenant, headers)? else {
         return handler(None).await.map(JsonReply::into_response);
     };
+    let Some(_in_flight) = InFlight::enter(store, &key) else {
+        return Err(in_progress());
+    };
     let fingerprint = fingerprint(method, path, body);
-    let claim = {
+    let claim_once = || {
         let (store, key, fingerprint) = (store.clone(), key.clone(), fingerprint.clone());
         smol::unblock(move || {
             store.idempotency_claim(
@@ -101,8 +112,15 @@ where
                 LEASE_MS,
             )
         })
-        .await?
     };
+    let mut claim = claim_once().await?;
+    if claim == IdempotencyClaim::InProgress {
+        // Not in flight here, so nobody is working on it: a left-over claim (see step 6).
+        tracing::info!(key = %key.key, "taking over a left-over idempotency claim");
+        let (s, k) = (store.clone(), key.clone());
+        smol::unblock(move || s.idempotency_release(&k.tenant, &k.key)).await?;
+        claim = claim_once().await?;
+    }
     match claim {
         IdempotencyClaim::Claimed => {}
         IdempotencyClaim::Replay(stored) => {
@@ -116,13 +134,7 @@ where
                 .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
             return Ok(resp);
         }
-        IdempotencyClaim::InProgress => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "idempotency_key_in_progress",
-                "a request with this Idempotency-Key is still running; retry when it has finished",
-            ));
-        }
+        IdempotencyClaim::InProgress => return Err(in_progress()),
         IdempotencyClaim::Mismatch => {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
@@ -163,6 +175,42 @@ where
             }
             Err(err)
         }
+    }
+}
+
+fn in_progress() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "idempotency_key_in_progress",
+        "a request with this Idempotency-Key is still running; retry when it has finished",
+    )
+}
+
+/// Keys being handled by this process, per store (its address) and tenant.
+static IN_FLIGHT: Mutex<BTreeSet<(usize, String, String)>> = Mutex::new(BTreeSet::new());
+
+/// This process works on a key from [`InFlight::enter`] until the guard is dropped.
+struct InFlight((usize, String, String));
+
+impl InFlight {
+    /// `None` if the key is already in flight here.
+    fn enter(store: &Arc<dyn Store>, key: &IdempotencyKey) -> Option<InFlight> {
+        let id = (
+            Arc::as_ptr(store).cast::<()>() as usize,
+            key.tenant.as_str().to_owned(),
+            key.key.clone(),
+        );
+        let mut set = IN_FLIGHT.lock().unwrap_or_else(|p| p.into_inner());
+        set.insert(id.clone()).then_some(InFlight(id))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.0);
     }
 }
 

@@ -8,6 +8,10 @@
 //! 4. authenticate ([`crate::auth::AuthChain`]) → 401; handlers check roles → 403;
 //! 5. handler; mutating routes run under [`idempotency::run`]; bodies ≤ [`ApiOptions::max_body_bytes`].
 //!
+//! With a preview host configured ([`ApiOptions::preview_host`]), a request whose `Host` is
+//! under it never reaches the API routes: it is authenticated and proxied to a device port
+//! ([`port`]), or refused.
+//!
 //! Every error is `{"error": CODE, "message": ...}` ([`error::ApiError`]); every response gets
 //! an `x-request-id`, no-sniff/no-store headers, a metrics count and one log line.
 
@@ -21,6 +25,7 @@ pub mod git;
 pub mod http;
 pub mod idempotency;
 pub mod openapi;
+pub mod port;
 pub mod routes;
 pub mod sessions;
 pub mod setup;
@@ -65,8 +70,14 @@ pub struct ApiOptions {
     pub public_metrics: bool,
     /// Interval of SSE keep-alive comments.
     pub sse_keepalive: Duration,
+    /// The preview origin's host name: proxied ports are served only as
+    /// `<port>-<device>.<preview_host>`, never on the API's origin ([`port`]).
+    pub preview_host: Option<String>,
     /// Time allowed for a client to send request headers (and the TLS handshake).
     pub header_timeout: Duration,
+    /// Time allowed for a client to send a whole request body once its headers are in;
+    /// slower bodies get 408 and the connection is closed ([`http::read_body`]).
+    pub body_timeout: Duration,
 }
 
 impl Default for ApiOptions {
@@ -75,7 +86,9 @@ impl Default for ApiOptions {
             max_body_bytes: http::MAX_BODY_BYTES,
             public_metrics: false,
             sse_keepalive: Duration::from_secs(15),
+            preview_host: None,
             header_timeout: Duration::from_secs(30),
+            body_timeout: http::DEFAULT_BODY_TIMEOUT,
         }
     }
 }
@@ -189,9 +202,21 @@ impl App {
 
     async fn dispatch(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<Body>, ApiError> {
+        if let Some(preview) = self.options.preview_host.clone() {
+            let (parts, body) = req.into_parts();
+            match port::classify_host(&preview, port::request_host(&parts)) {
+                port::PreviewHost::Api => req = Request::from_parts(parts, body),
+                port::PreviewHost::Target { port, device } => {
+                    let principal: Principal = self.auth.authenticate(&parts)?;
+                    return port::preview_origin(&self, &principal, &parts, body, &device, &port)
+                        .await;
+                }
+                port::PreviewHost::Malformed => return Err(port::preview_host_only(&preview)),
+            }
+        }
         let segments = http::path_segments(req.uri().path())?;
         let route = routes::route(req.method(), &segments);
         match route {
@@ -226,6 +251,12 @@ impl App {
                 sessions::snapshot(&self, &principal, &parts, body, &sid).await
             }
             Route::SessionStream(sid) => sessions::stream(&self, &principal, &parts, &sid).await,
+            Route::SessionJitRenew(sid) => {
+                sessions::jit_renew(&self, &principal, &parts, body, &sid).await
+            }
+            Route::PortProxy(id, port) => {
+                port::api_origin(&self, &principal, &parts, body, &id, &port).await
+            }
             Route::TemplatesList => templates::list(&self, &principal).await,
             Route::TemplatesPublish => templates::publish(&self, &principal, &parts, body).await,
             Route::TemplateSchema => templates::schema(&principal),
@@ -259,6 +290,7 @@ impl Server {
         app: Arc<App>,
     ) -> io::Result<Server> {
         let listener = TcpListener::bind(addr).await?;
+        raise_backlog(&listener);
         Ok(Server {
             listener,
             tls: tls.map(futures_rustls::TlsAcceptor::from),
@@ -295,6 +327,22 @@ impl Server {
     }
 }
 
+/// Pending connections the kernel queues for `accept` (it caps this at `net.core.somaxconn`).
+/// The standard library listens with 128: when a fleet reconnects at once (a control plane
+/// restart), every SYN beyond that is dropped and retried by the client a second later.
+const LISTEN_BACKLOG: libc::c_int = 4096;
+
+/// Re-issues `listen` with [`LISTEN_BACKLOG`] (Linux and the BSDs update the backlog of a
+/// listening socket in place). Best effort: on failure the default backlog stays.
+fn raise_backlog(listener: &TcpListener) {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: listen(2) on a descriptor the listener owns and keeps open.
+    let rc = unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) };
+    if rc != 0 {
+        tracing::debug!(error = %io::Error::last_os_error(), "could not raise the listen backlog");
+    }
+}
+
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
@@ -303,21 +351,147 @@ async fn serve_connection(
 ) {
     let timeout = app.options.header_timeout;
     match tls {
-        None => serve_http(stream, peer, app).await,
-        Some(acceptor) => {
-            let handshake = async { acceptor.accept(stream).await.map(Some) }
-                .or(async {
-                    smol::Timer::after(timeout).await;
-                    Ok(None)
-                })
-                .await;
-            match handshake {
-                Ok(Some(tls_stream)) => serve_http(tls_stream, peer, app).await,
-                Ok(None) => tracing::debug!(%peer, "TLS handshake timed out"),
-                Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        None if app.tunnel.serves_upgrades() => match sniff_upgrade(&stream, timeout).await {
+            Sniffed::Upgrade { head_len, key } => {
+                let mut stream = stream;
+                if consume(&mut stream, head_len).await.is_err() {
+                    return;
+                }
+                let request_id = crate::secrets::hex(&crate::secrets::random_bytes::<8>());
+                app.metrics.record_http(101);
+                tracing::debug!(%peer, %request_id, "tunnel upgrade");
+                app.tunnel.serve_upgraded(stream, peer, &key, request_id);
             }
+            Sniffed::Http => serve_http(stream, peer, app).await,
+            Sniffed::Gone => {}
+        },
+        None => serve_http(stream, peer, app).await,
+        // Boxed: the TLS state machine is ~4 KiB, and inline it would be part of every plain
+        // connection's task too (a connect storm allocates one per daemon).
+        Some(acceptor) => Box::pin(serve_tls(stream, peer, acceptor, app)).await,
+    }
+}
+
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: futures_rustls::TlsAcceptor,
+    app: Arc<App>,
+) {
+    let timeout = app.options.header_timeout;
+    let handshake = async { acceptor.accept(stream).await.map(Some) }
+        .or(async {
+            smol::Timer::after(timeout).await;
+            Ok(None)
+        })
+        .await;
+    match handshake {
+        Ok(Some(tls_stream)) => serve_http(tls_stream, peer, app).await,
+        Ok(None) => tracing::debug!(%peer, "TLS handshake timed out"),
+        Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+    }
+}
+
+/// What a plain connection starts with.
+enum Sniffed {
+    /// A complete `/ws` WebSocket upgrade request of `head_len` bytes.
+    Upgrade { head_len: usize, key: Vec<u8> },
+    /// Anything else (including an upgrade split over several packets): hyper's.
+    Http,
+    /// Closed, or silent for the header timeout.
+    Gone,
+}
+
+/// Largest upgrade request the fast path looks at (a daemon's is ~200 bytes; a larger one goes
+/// to hyper). On the task's stack, not the heap: one allocation less per connection.
+const SNIFF_BYTES: usize = 512;
+
+/// Daemons' tunnel upgrades skip hyper: a connect storm of thousands of daemons spent a fifth
+/// of the server's CPU in hyper's per-connection machinery for a request whose only answer is
+/// `101`. So the first bytes of every plain connection are peeked at (not consumed): a
+/// complete `GET /ws HTTP/1.1` that passes the checks `/ws` makes through hyper (method,
+/// `Upgrade: websocket`, `Connection: upgrade`, `Sec-WebSocket-Version: 13`, a key) goes to
+/// [`TunnelHook::serve_upgraded`]; everything else, bad upgrades included, is left to hyper
+/// untouched, so its answers are the same as before.
+async fn sniff_upgrade(stream: &TcpStream, timeout: Duration) -> Sniffed {
+    let mut buf = [0u8; SNIFF_BYTES];
+    let peeked = async { Some(stream.peek(&mut buf).await) }
+        .or(async {
+            smol::Timer::after(timeout).await;
+            None
+        })
+        .await;
+    match peeked {
+        Some(Ok(n)) if n > 0 => match parse_upgrade(&buf[..n]) {
+            Some((head_len, key)) => Sniffed::Upgrade {
+                head_len,
+                key: key.to_vec(),
+            },
+            None => Sniffed::Http,
+        },
+        _ => Sniffed::Gone,
+    }
+}
+
+/// Reads (and drops) the `n` bytes [`sniff_upgrade`] peeked at.
+async fn consume(stream: &mut TcpStream, mut n: usize) -> io::Result<()> {
+    let mut buf = [0u8; 256];
+    while n > 0 {
+        let want = n.min(buf.len());
+        let got = futures_lite::AsyncReadExt::read(stream, &mut buf[..want]).await?;
+        if got == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        n -= got;
+    }
+    Ok(())
+}
+
+/// `(head length, Sec-WebSocket-Key)` if `bytes` start with a complete, well-formed
+/// `GET /ws HTTP/1.1` WebSocket upgrade without a body; `None` for anything hyper should see.
+fn parse_upgrade(bytes: &[u8]) -> Option<(usize, &[u8])> {
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let mut lines = bytes[..end].split(|&b| b == b'\n');
+    if lines.next()? != b"GET /ws HTTP/1.1\r" {
+        return None;
+    }
+    let (mut upgrade, mut connection) = (false, false);
+    let (mut version, mut key): (Option<&[u8]>, Option<&[u8]>) = (None, None);
+    for line in lines {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let colon = line.iter().position(|&b| b == b':')?;
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        // A token name, a value of visible characters and blanks: anything else is hyper's
+        // to refuse.
+        let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+        if name.is_empty() || !name.iter().all(tchar) {
+            return None;
+        }
+        if value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return None;
+        }
+        let has = |token: &[u8]| {
+            value
+                .split(|&b| b == b',')
+                .any(|part| part.trim_ascii().eq_ignore_ascii_case(token))
+        };
+        let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+        if is("upgrade") {
+            upgrade |= has(b"websocket");
+        } else if is("connection") {
+            connection |= has(b"upgrade");
+        } else if is("sec-websocket-version") {
+            version = version.or(Some(value));
+        } else if is("sec-websocket-key") {
+            key = key.or(Some(value));
+        } else if is("content-length") || is("transfer-encoding") {
+            return None;
         }
     }
+    if !(upgrade && connection && version == Some(b"13".as_slice())) {
+        return None;
+    }
+    Some((end + 4, key?))
 }
 
 async fn serve_http<S>(stream: S, peer: SocketAddr, app: Arc<App>)
@@ -325,9 +499,11 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let timeout = app.options.header_timeout;
+    let body_timeout = app.options.body_timeout;
     let service = service_fn(move |req| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(app.handle(req, peer).await) }
+        let respond = http::with_body_timeout(body_timeout, app.handle(req, peer));
+        async move { Ok::<_, Infallible>(respond.await) }
     });
     let conn = http1::Builder::new()
         .timer(SmolTimer::new())

@@ -211,7 +211,7 @@ fn device_op_body(op: DeviceOp) -> Value {
             "sessionId": s("^[A-Za-z0-9_-]{1,64}$; default ses_<random>"),
             "path": s("folder (default `.`)"),
             "jit": { "type": "object", "description": "optional JIT credential for the OpenCode process; the daemon ends the session when it expires",
-                "properties": { "ttlSec": i("lifetime (default 900)", 30, 3600), "scope": s("scope"),
+                "properties": { "ttlSec": i("lifetime (default 900)", 16, 3600), "scope": s("scope"),
                     "env": s("env var receiving the token"), "ref": s("credential ref for the kill switch"),
                     "token": s("use this token instead of minting one (16..2048)") } } }),
         DeviceOp::SessionStatus => json!({ "path": s("folder (default `.`)") }),
@@ -357,19 +357,87 @@ fn device_routes(doc: &mut Value) {
                 "400": err("`invalid_request_id`"),
                 "404": err("`device_not_found`, `config_status_not_found`") } } }),
     );
+    let proxy_op = |method: &str| {
+        json!({
+            "summary": format!("{method} through the port proxy to 127.0.0.1:{{port}} on the device (operator)"),
+            "description": "Proxies to a port of one of the device's running sessions (its OpenCode \
+        server; the daemon adds the session's password) or a port in the daemon's `exposed_ports`. `{path}` \
+        stands for the rest of the path, any number of segments (default `/`); the query string is passed on. \
+        Never forwarded: `Authorization` (the API token), `Cookie` (on this origin), `Host`, hop-by-hop headers, \
+        `Accept-Encoding`. At most 64 headers of ≤4096 bytes (32 KiB in all) and a 1.5 MB body. The response is \
+        the upstream's status, headers (hop-by-hop removed) and body; chunked, event-stream and large bodies are \
+        streamed as they arrive. On this origin responses carry `Content-Security-Policy: sandbox …` and lose \
+        `Set-Cookie`, `Strict-Transport-Security`, `Clear-Site-Data`, `Alt-Svc`. When the server has a \
+        `preview_host`, this route answers 421 and the same request goes to \
+        `<port>-<device id>.<preview_host>` with the upstream path as the whole path (cookies pass there; \
+        nothing but proxied content is served on preview hosts).",
+            "parameters": [
+                { "name": "id", "in": "path", "required": true, "schema": { "type": "string" } },
+                { "name": "port", "in": "path", "required": true, "schema": { "type": "integer", "minimum": 1, "maximum": 65535 } },
+                { "name": "path", "in": "path", "required": true, "description": "the upstream path (may contain `/`)", "schema": { "type": "string" } } ],
+            "responses": {
+                "default": { "description": "the upstream's answer, as is" },
+                "400": err("`invalid_port`, `invalid_header`, `proxy_refused` (the daemon refused the request: bad target or header)"),
+                "403": err("`port_not_exposed` (neither a running session's port nor exposed by the daemon), `forbidden` (role)"),
+                "404": err("`device_not_found` (also another tenant's device)"),
+                "405": err("`method_not_allowed` (CONNECT, TRACE, …)"),
+                "409": err("`device_not_connected`"),
+                "413": err("`payload_too_large` (body over 1.5 MB)"),
+                "414": err("`uri_too_long` (path + query over 2048 bytes)"),
+                "421": err("`preview_origin_required`: use the preview host named in the message"),
+                "429": err("`device_busy` (pending requests and open streams of the device at the cap)"),
+                "431": err("`header_too_large`, `too_many_headers`"),
+                "502": err("`upstream_unreachable`, `upstream_failed`, `upstream_malformed`, `device_disconnected`"),
+                "504": err("`request_timeout` (no answer head from the device in time), `upstream_timeout`") }
+        })
+    };
+    paths.insert(
+        "/devices/{id}/port/{port}/{path}".into(),
+        json!({
+            "get": proxy_op("GET"), "head": proxy_op("HEAD"), "post": proxy_op("POST"),
+            "put": proxy_op("PUT"), "patch": proxy_op("PATCH"), "delete": proxy_op("DELETE"),
+            "options": proxy_op("OPTIONS") }),
+    );
     paths.insert(
         "/session/{sessionId}/snapshot".into(),
         json!({ "get": {
             "summary": "The device's session log, last `tail` lines, normalised (operator)",
+            "description": "With the device connected: its log (`sl`). While it is offline, or with `source=store`: \
+the last `tail` lines of the session's latest output stream from the control plane's store (`source` in the \
+reply says which).",
             "parameters": [
                 { "name": "sessionId", "in": "path", "required": true, "schema": { "type": "string" } },
-                { "name": "tail", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 200, "default": 100 } } ],
+                { "name": "tail", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": 200, "default": 100 } },
+                { "name": "source", "in": "query", "description": "`device` or `store` (default: device when connected, else store)", "schema": { "type": "string", "enum": ["device", "store"] } } ],
             "responses": {
-                "200": { "description": "{o:1, s, d, e:[{ts, k, src, m?, sid?, fp?, md?}]}",
+                "200": { "description": "{o:1, s, d, source, e:[{ts, k, src, m?, sid?, fp?, md?}]}",
                     "content": { "application/json": { "schema": { "type": "object" } } } },
-                "404": err("`snapshot_not_found` (unknown session, or another tenant's)"),
-                "409": err("`device_not_connected`"),
+                "400": err("`invalid_source`"),
+                "404": err("`snapshot_not_found` (unknown session, or another tenant's, or nothing stored while offline)"),
+                "409": err("`device_not_connected` (with `source=device`)"),
                 "504": err("`snapshot_timeout`") } } }),
+    );
+    paths.insert(
+        "/sessions/{sessionId}/jit/renew".into(),
+        json!({ "post": {
+            "summary": "Renew a session's JIT credential (operator)",
+            "description": "Sends `jr` to the session's device: the daemon moves the session's credential expiry to \
+`ttl_secs` from its now (the expiry timer only — the environment of the running OpenCode keeps the token and \
+expiry it started with). Without renewal the session ends at its expiry. A revoked credential (kill switch), an \
+ended or unknown session or one started without a credential cannot be renewed (`o:0` with `m`: \
+`jit_revoked`, `session_ended`, `session_not_found`, `no_jit_credential`, `jit_expired`). Only native (CBOR) \
+daemons can renew; 0.1.x daemons get nothing. Supports `Idempotency-Key`.",
+            "parameters": [
+                { "name": "sessionId", "in": "path", "required": true, "schema": { "type": "string" } } ],
+            "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                "type": "object", "required": ["ttl_secs"],
+                "properties": { "ttl_secs": { "type": "integer", "minimum": 15, "maximum": 3600 } } } } } },
+            "responses": {
+                "200": { "description": "{v, t:\"ju\", i, o:1, e: new expiry (ms since the epoch)}",
+                    "content": { "application/json": { "schema": { "type": "object" } } } },
+                "400": err("`invalid_jit_ttl`, `invalid_session_id`, or the daemon refused (`o:0`, reply as 200)"),
+                "404": err("`session_not_found` (unknown session, or another tenant's)"),
+                "409": err("`device_not_connected`, `jit_renew_unsupported` (the device runs a 0.1.x daemon)") } } }),
     );
     paths.insert(
         "/sessions/{sessionId}/stream".into(),
@@ -385,10 +453,11 @@ restart); `end` (data `{q}`: the last seq), after which the response ends. Resum
             "parameters": [
                 { "name": "sessionId", "in": "path", "required": true, "schema": { "type": "string" } },
                 { "name": "x", "in": "query", "description": "stream id returned by the prompt route", "schema": { "type": "string" } },
-                { "name": "after", "in": "query", "description": "resume after this chunk seq (the `Last-Event-ID` header wins)", "schema": { "type": "integer", "minimum": 0 } } ],
+                { "name": "after", "in": "query", "description": "resume after this chunk seq (the `Last-Event-ID` header wins)", "schema": { "type": "integer", "minimum": 0 } },
+                { "name": "follow", "in": "query", "description": "0/false: serve what is stored and end the response (no waiting; `end` only if the stream ended); works while the device is offline", "schema": { "type": "boolean", "default": true } } ],
             "responses": {
                 "200": { "description": "`text/event-stream`", "content": { "text/event-stream": { "schema": { "type": "string" } } } },
-                "400": err("`invalid_last_event_id`, `invalid_stream_id`, `invalid_session_id`"),
+                "400": err("`invalid_last_event_id`, `invalid_stream_id`, `invalid_session_id`, `invalid_follow`"),
                 "404": err("`stream_not_found` (unknown session or stream, or another tenant's)") } } }),
     );
     paths.insert(
@@ -486,6 +555,8 @@ mod tests {
             "/devices/{id}/config/status/{requestId}",
             "/session/{sessionId}/snapshot",
             "/sessions/{sessionId}/stream",
+            "/sessions/{sessionId}/jit/renew",
+            "/devices/{id}/port/{port}/{path}",
             "/config/templates",
             "/config/template/schema",
             "/config/templates/{templateId}/compile",

@@ -29,6 +29,10 @@ pub enum Route {
     SessionSnapshot(String),
     /// `GET /sessions/:sessionId/stream`: a prompt's output (SSE).
     SessionStream(String),
+    /// `POST /sessions/:sessionId/jit/renew`: move the session's JIT expiry (native daemons).
+    SessionJitRenew(String),
+    /// `ANY /devices/:id/port/:port/*path`: the port proxy (device id, port as given).
+    PortProxy(String, String),
     TemplatesList,
     TemplatesPublish,
     /// `GET /config/template/schema`.
@@ -181,6 +185,7 @@ pub fn route(method: &Method, segments: &[String]) -> Route {
             Route::ConfigStatus((*id).to_owned(), (*rid).to_owned()),
             "GET",
         ),
+        ["devices", id, "port", port, ..] => Route::PortProxy((*id).to_owned(), (*port).to_owned()),
         ["devices", id, rest @ ..] => match DeviceOp::parse(rest) {
             Some(op) => only(
                 m,
@@ -195,6 +200,12 @@ pub fn route(method: &Method, segments: &[String]) -> Route {
             &Method::GET,
             Route::SessionStream((*sid).to_owned()),
             "GET",
+        ),
+        ["sessions", sid, "jit", "renew"] => only(
+            m,
+            &Method::POST,
+            Route::SessionJitRenew((*sid).to_owned()),
+            "POST",
         ),
         ["session", sid, "snapshot"] => only(
             m,
@@ -301,6 +312,14 @@ mod tests {
             Route::SessionStream("ses_1".into())
         );
         assert_eq!(
+            r(Method::POST, "/sessions/ses_1/jit/renew"),
+            Route::SessionJitRenew("ses_1".into())
+        );
+        assert_eq!(
+            r(Method::GET, "/sessions/ses_1/jit/renew"),
+            Route::MethodNotAllowed { allow: "POST" }
+        );
+        assert_eq!(
             r(Method::GET, "/config/template/schema"),
             Route::TemplateSchema
         );
@@ -309,6 +328,16 @@ mod tests {
             Route::TemplateCompile("build-box".into())
         );
         assert_eq!(r(Method::POST, "/config/push"), Route::FleetConfigPush);
+        for m in [Method::GET, Method::POST, Method::DELETE, Method::OPTIONS] {
+            assert_eq!(
+                r(m, "/devices/dev_x/port/4100/global/health"),
+                Route::PortProxy("dev_x".into(), "4100".into())
+            );
+        }
+        assert_eq!(
+            r(Method::GET, "/devices/dev_x/port/4100"),
+            Route::PortProxy("dev_x".into(), "4100".into())
+        );
         assert_eq!(
             r(Method::GET, "/config/push"),
             Route::MethodNotAllowed { allow: "POST" }

@@ -1,6 +1,7 @@
 //! OpenCode sessions: `session/start` (`sq` then `si`), `session/status` (`sq`),
 //! `session/terminate` (`st`), `prompt` (`sp`), and the log snapshot
-//! `GET /session/:sessionId/snapshot` (`sl` → `sc`*).
+//! `GET /session/:sessionId/snapshot` (`sl` → `sc`*; while the device is offline, or with
+//! `source=store`, the session's stored output from the control plane's store instead).
 //!
 //! The session itself lives on the device; we keep its metadata in the store (device, folder,
 //! state), so a snapshot still finds its device after a reconnect or a control-plane restart
@@ -25,8 +26,8 @@ use serde_json::{Map, Value, json};
 
 use codemantle_protocol::jit::{self as jit_token, JitClaims};
 use codemantle_protocol::message::{
-    JitCredential, Message, Prompt, ReplayLog, SessionResult, SessionStatusQuery, StartSession,
-    StopSession,
+    JitCredential, JitRenew, Message, Prompt, ReplayLog, SessionResult, SessionStatusQuery,
+    StartSession, StopSession,
 };
 
 use super::App;
@@ -81,10 +82,11 @@ fn jit_credential(
     session_id: &str,
 ) -> Result<JitCredential, ApiError> {
     let ttl = b.ttl_sec.unwrap_or(DEFAULT_JIT_TTL_SECS);
-    if !(30..=3600).contains(&ttl) {
+    // The daemon wants an expiry more than 15 s away when the `si` arrives.
+    if !(16..=3600).contains(&ttl) {
         return Err(ApiError::bad_request(
             "invalid_jit_ttl",
-            format!("`jit.ttlSec` must be 30..3600 seconds, got {ttl}"),
+            format!("`jit.ttlSec` must be 16..3600 seconds, got {ttl}"),
         ));
     }
     let expires_at_ms = crate::time::now_ms() + ttl * 1000;
@@ -358,6 +360,91 @@ pub async fn terminate(cmd: &Command<'_>) -> Result<Response<Body>, ApiError> {
 }
 
 #[derive(Deserialize)]
+struct RenewBody {
+    ttl_secs: Option<Value>,
+}
+
+/// `POST /sessions/:sessionId/jit/renew` `{"ttl_secs": N}` → `jr` → `ju` (200, or 400 when
+/// `o:0`). The session's device comes from the store (tenant-checked: another tenant's session
+/// is a 404). Only native daemons know `jr`: a 0.1.x device is a 409 `jit_renew_unsupported`,
+/// and nothing is sent to it.
+pub async fn jit_renew(
+    app: &std::sync::Arc<App>,
+    principal: &Principal,
+    parts: &Parts,
+    body: Incoming,
+    session_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    principal.require(Role::Operator)?;
+    check_id("sessionId", session_id, (1, 64), "invalid_session_id")?;
+    let (store, tenant, sid) = (
+        app.store.clone(),
+        principal.tenant.clone(),
+        session_id.to_owned(),
+    );
+    let session = smol::unblock(move || store.session(&tenant, &sid))
+        .await?
+        .ok_or_else(|| ApiError::not_found("session", session_id))?;
+    let (device, record) = checked_device(app, principal, &session.device_id).await?;
+    let body = super::http::read_body(body, app.options.max_body_bytes).await?;
+    let cmd = Command {
+        app,
+        principal,
+        parts,
+        device,
+        record,
+        body,
+    };
+    let b: RenewBody = cmd.body()?;
+    let bad_ttl = |got: &str| {
+        ApiError::bad_request(
+            "invalid_jit_ttl",
+            format!("`ttl_secs` must be an integer 15..3600 (seconds from now), got {got}"),
+        )
+    };
+    let ttl_secs = match &b.ttl_secs {
+        None => return Err(bad_ttl("nothing")),
+        Some(v) => v
+            .as_u64()
+            .filter(|t| (15..=3600).contains(t))
+            .and_then(|t| u32::try_from(t).ok())
+            .ok_or_else(|| bad_ttl(&v.to_string()))?,
+    };
+    let build = |id| {
+        Message::JitRenew(JitRenew {
+            idempotency_key: None,
+            request_id: id,
+            session_id: session_id.to_owned(),
+            ttl_secs,
+        })
+    };
+    validate(build)?;
+    let cmd = &cmd;
+    cmd.run(true, |key| async move {
+        let reply = cmd
+            .app
+            .hub
+            .request(&cmd.caller(key.as_ref()), &cmd.device, build)
+            .await
+            .map_err(|e| match e {
+                DispatchError::Unsupported { .. } => ApiError::new(
+                    StatusCode::CONFLICT,
+                    "jit_renew_unsupported",
+                    format!(
+                        "device {} runs a 0.1.x daemon (JSON protocol), which cannot renew a JIT \
+                         credential; the session ends at its expiry — start a new session with a \
+                         fresh credential, or upgrade the daemon",
+                        cmd.record.id
+                    ),
+                ),
+                e => dispatch_error(e, &cmd.record),
+            })?;
+        Ok(json_reply(&reply, true))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PromptBody {
     session_id: Option<String>,
@@ -454,6 +541,37 @@ pub async fn snapshot(
     let (device, record) = checked_device(app, principal, &session.device_id)
         .await
         .map_err(|_| not_found())?;
+    let from_store = match params
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "source")
+        .map(|(_, v)| v)
+    {
+        None => !app.hub.is_connected(device.id()),
+        Some(v) if v == "store" => true,
+        Some(v) if v == "device" => false,
+        Some(v) => {
+            return Err(ApiError::bad_request(
+                "invalid_source",
+                format!(
+                    "`source` must be `device` (the daemon's log) or `store` (the session's stored output), got {v:?}"
+                ),
+            ));
+        }
+    };
+    if from_store {
+        let entries = stored_output_entries(app, principal, device.id(), session_id, tail)
+            .await?
+            .ok_or_else(not_found)?;
+        let body = json!({
+            "o": 1,
+            "s": session_id,
+            "d": device.id(),
+            "source": "store",
+            "e": entries,
+        });
+        return Ok(json_response(StatusCode::OK, &body));
+    }
     let caller = Caller {
         tenant: principal.tenant.clone(),
         actor: principal.actor_id.clone(),
@@ -486,9 +604,70 @@ pub async fn snapshot(
         "o": 1,
         "s": session_id,
         "d": device.id(),
+        "source": "device",
         "e": log_entries(&text, crate::time::now_ms()),
     });
     Ok(json_response(StatusCode::OK, &body))
+}
+
+/// Most chunks read from the store for one snapshot (the stored stream is capped anyway).
+const SNAPSHOT_MAX_CHUNKS: usize = 4096;
+
+/// The last `tail` lines of the session's latest output stream as snapshot entries, from the
+/// control plane's store (no daemon involved): `{ts, k:"log", src:"opencode", m, sid}`, as the
+/// daemon's own log records OpenCode events. `None` if the session has no stored stream.
+async fn stored_output_entries(
+    app: &std::sync::Arc<App>,
+    principal: &Principal,
+    device: &str,
+    session_id: &str,
+    tail: u64,
+) -> Result<Option<Vec<Value>>, ApiError> {
+    let x = match app.hub.streams.latest_for_session(device, session_id) {
+        Some(x) => x,
+        None => {
+            let (store, tenant, dev, sid) = (
+                app.store.clone(),
+                principal.tenant.clone(),
+                device.to_owned(),
+                session_id.to_owned(),
+            );
+            match smol::unblock(move || store.latest_stream_for_session(&tenant, &dev, &sid))
+                .await?
+            {
+                Some(x) => x,
+                None => return Ok(None),
+            }
+        }
+    };
+    let (store, tenant, dev) = (
+        app.store.clone(),
+        principal.tenant.clone(),
+        device.to_owned(),
+    );
+    let chunks = smol::unblock(move || {
+        // The newest chunks: the tail is at the end of the stream.
+        let next = store
+            .stream_meta(&tenant, &dev, &x)?
+            .map_or(0, |m| m.next_seq);
+        let from = next.saturating_sub(SNAPSHOT_MAX_CHUNKS as u32);
+        store.stream_chunks_after(&tenant, &dev, &x, from, SNAPSHOT_MAX_CHUNKS)
+    })
+    .await?;
+    let text: String = chunks.iter().map(|c| c.data.as_str()).collect();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let skip = lines
+        .len()
+        .saturating_sub(usize::try_from(tail).unwrap_or(usize::MAX));
+    let now = crate::time::format_rfc3339(crate::time::now_ms());
+    let entries = lines[skip..]
+        .iter()
+        .map(|line| {
+            let m: String = line.chars().take(4000).collect();
+            json!({ "ts": now, "k": "log", "src": "opencode", "m": m, "sid": session_id })
+        })
+        .collect();
+    Ok(Some(entries))
 }
 
 /// Chunks formatted per wake-up of an SSE reader.
@@ -504,8 +683,16 @@ const STREAM_BATCH: usize = 64;
 ///   held (evicted from the bounded buffer, or acknowledged before a control-plane restart);
 /// - `end`: `data: {"q": last seq}` after the last chunk; then the response ends.
 ///
+/// The response names its stream in `X-Stream-Id` (useful when `x` was not given: the
+/// session's latest stream — from memory, else from the store after a restart).
+///
 /// Position: `Last-Event-ID`, else `after`, else from the first chunk. Each chunk is sent once
 /// per position: a client that reconnects with the last id it saw misses and repeats nothing.
+///
+/// `follow=0` (or `false`): serve what is stored now and end the response instead of waiting
+/// for more (`codemantle sessions logs` without `-f`); an `end` event is sent only if the
+/// stream has ended. Works while the device is offline: the chunks come from the control
+/// plane's store.
 pub async fn stream(
     app: &std::sync::Arc<App>,
     principal: &Principal,
@@ -537,6 +724,24 @@ pub async fn stream(
             .map(|a| u32::try_from(a).map_err(|_| bad_position()))
             .transpose()?,
     };
+    let follow = match params
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "follow")
+        .map(|(_, v)| v)
+    {
+        None => true,
+        Some(v) if v == "1" || v == "true" => true,
+        Some(v) if v == "0" || v == "false" => false,
+        Some(v) => {
+            return Err(ApiError::bad_request(
+                "invalid_follow",
+                format!(
+                    "`follow` must be 1/true (wait for more output) or 0/false (only what is stored), got {v:?}"
+                ),
+            ));
+        }
+    };
     let not_found = || {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -559,13 +764,26 @@ pub async fn stream(
             check_id("x", x, (1, 64), "invalid_stream_id")?;
             x.clone()
         }
-        None => streams
-            .latest_for_session(&device, session_id)
-            .ok_or_else(not_found)?,
+        None => match streams.latest_for_session(&device, session_id) {
+            Some(x) => x,
+            // Not in memory (a control-plane restart, or evicted): the store knows.
+            None => {
+                let (store, tenant, dev, sid) = (
+                    app.store.clone(),
+                    principal.tenant.clone(),
+                    device.clone(),
+                    session_id.to_owned(),
+                );
+                smol::unblock(move || store.latest_stream_for_session(&tenant, &dev, &sid))
+                    .await?
+                    .ok_or_else(not_found)?
+            }
+        },
     };
     let rx = streams
         .watch(&principal.tenant, &device, &x, session_id)
         .ok_or_else(not_found)?;
+    let stream_header = HeaderValue::from_str(&x).ok();
     struct State {
         app: std::sync::Arc<App>,
         device: String,
@@ -630,6 +848,10 @@ pub async fn stream(
                     st,
                 ));
             }
+            if !follow {
+                // Everything stored has been served.
+                return None;
+            }
             let woke = async { st.rx.recv().await.is_ok() }
                 .or(async {
                     smol::Timer::after(keepalive).await;
@@ -653,6 +875,10 @@ pub async fn stream(
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Some(x) = stream_header {
+        // Which stream this is (a client that named only the session resumes this one).
+        h.insert("x-stream-id", x);
+    }
     Ok(resp)
 }
 

@@ -41,6 +41,26 @@ pub trait TunnelHook: Send + Sync + 'static {
 
     /// Called after the API removed a device: close its tunnel if one is open.
     fn device_removed(&self, _device_id: &str) {}
+
+    /// Whether the hook implements [`TunnelHook::serve_upgraded`]. If so, the listener answers
+    /// plain-TCP `/ws` upgrades itself (see `api::sniff_upgrade`), without hyper.
+    fn serves_upgrades(&self) -> bool {
+        false
+    }
+
+    /// Takes over a plain TCP connection whose `GET /ws` WebSocket upgrade request the listener
+    /// has read and checked (the checks of `/ws` through [`TunnelHook::handle`]; `key` is the
+    /// `Sec-WebSocket-Key`): answers `101` (with `x-request-id: request_id`) and serves the
+    /// tunnel on a task of its own. Called only if [`TunnelHook::serves_upgrades`].
+    fn serve_upgraded(
+        &self,
+        stream: smol::net::TcpStream,
+        peer: SocketAddr,
+        key: &[u8],
+        request_id: String,
+    ) {
+        let _ = (stream, peer, key, request_id);
+    }
 }
 
 /// The placeholder hook: `/ws` answers 501 `tunnel_unavailable`.

@@ -5,8 +5,14 @@
 //!
 //! Rules every backend keeps:
 //! - **Atomic change + event.** Each mutating method writes the entity change and its event in
-//!   one transaction and returns the committed [`Event`]; the backend publishes it to the live
-//!   bus after commit, in sequence order.
+//!   one transaction and returns the committed [`Event`].
+//! - **Nothing is seen before it is durable.** An event is served ([`Store::events`],
+//!   [`Store::recent_events`]) and published to the live bus ([`Store::subscribe`]) only once
+//!   it is on disk, in sequence order: a client that saw seq N sees the same event N after any
+//!   crash, and N is never handed to another event. Entity changes return only once durable;
+//!   hot-path appends (commands, connects) return at once and callers that must not answer
+//!   before the record is durable wait with [`Store::when_durable`] (many appends share one
+//!   flush: group commit).
 //! - **Tenant scoping.** Accessors that take a [`TenantId`] return `None`/`NotFound` for a
 //!   resource of another tenant, exactly as for a missing one. The only unscoped lookups are the
 //!   credential lookups the tunnel needs before it knows the tenant ([`Store::device_credential`],
@@ -14,6 +20,7 @@
 //! - **Sync methods.** They may block on disk; from async code call them through
 //!   `smol::unblock` when the call can be slow (scans, writes).
 
+pub mod durable;
 pub mod model;
 pub mod sled;
 
@@ -23,7 +30,7 @@ use crate::events::{Event, EventDraft};
 pub use model::*;
 
 /// Why a store call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The tenant-scoped resource does not exist (or belongs to another tenant).
     #[error("{what} not found")]
@@ -49,6 +56,46 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// A wait for events to become durable (see [`Store::when_durable`]): `.wait().await` from
+/// async code, [`DurableWait::wait_blocking`] from a blocking one. Dropping it abandons the
+/// wait, not the write.
+#[must_use = "a DurableWait does nothing unless waited for"]
+pub struct DurableWait(Option<async_channel::Receiver<StoreResult<()>>>);
+
+impl DurableWait {
+    /// Already durable.
+    pub fn ready() -> DurableWait {
+        DurableWait(None)
+    }
+
+    /// Resolves when the backend sends the outcome on the other end of `rx`.
+    pub fn pending(rx: async_channel::Receiver<StoreResult<()>>) -> DurableWait {
+        DurableWait(Some(rx))
+    }
+
+    pub async fn wait(self) -> StoreResult<()> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => rx.recv().await.unwrap_or_else(|_| Err(flusher_gone())),
+        }
+    }
+
+    pub fn wait_blocking(self) -> StoreResult<()> {
+        match self.0 {
+            None => Ok(()),
+            Some(rx) => rx.recv_blocking().unwrap_or_else(|_| Err(flusher_gone())),
+        }
+    }
+}
+
+fn flusher_gone() -> StoreError {
+    StoreError::Backend(
+        "the store closed before the write was known to be on disk; it may or may not have \
+         been saved: check the event log after a restart"
+            .into(),
+    )
+}
+
 /// The control plane's persistent state. Object-safe; shared as `Arc<dyn Store>`.
 pub trait Store: Send + Sync + 'static {
     // ---- health -------------------------------------------------------------------------
@@ -64,7 +111,9 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Flushes buffered writes to disk (on shutdown, after local admin commands).
+    /// Flushes buffered writes to disk (on shutdown, after local admin commands, before
+    /// acknowledging stream chunks); afterwards every event appended before the call is
+    /// durable and visible. Concurrent callers share flushes.
     fn flush(&self) -> StoreResult<()>;
 
     // ---- tenants ------------------------------------------------------------------------
@@ -225,6 +274,18 @@ pub trait Store: Send + Sync + 'static {
         device_id: &str,
         x: &str,
     ) -> StoreResult<Option<StreamMeta>>;
+    /// The id (`x`) of the most recently updated stream of `session_id` on `device_id`, for
+    /// readers that name only the session (after a restart the in-memory index is empty).
+    /// Scans that device's streams only. The default knows none.
+    fn latest_stream_for_session(
+        &self,
+        tenant: &TenantId,
+        device_id: &str,
+        session_id: &str,
+    ) -> StoreResult<Option<String>> {
+        let _ = (tenant, device_id, session_id);
+        Ok(None)
+    }
     /// Deletes streams (metadata and chunks) that ended before `ended_before_ms`, or whose
     /// last change is older than `idle_before_ms` (abandoned: the daemon never finished them).
     /// Returns how many streams were deleted.
@@ -285,14 +346,29 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- events -------------------------------------------------------------------------
 
-    /// Appends an event that has no entity change of its own (commands, ...).
+    /// Appends an event that has no entity change of its own (commands, ...). Returns once
+    /// written, **before** it is durable: the event is served and published only when a flush
+    /// covers it; [`Store::when_durable`] waits for that.
     fn append_event(&self, draft: EventDraft) -> StoreResult<Event>;
-    /// Events of a tenant with `seq > after`, ascending, at most `limit`.
+    /// Durable events of a tenant with `seq > after`, ascending, at most `limit`.
     fn events(&self, tenant: &TenantId, after: u64, limit: usize) -> StoreResult<Vec<Event>>;
-    /// The last `limit` events of a tenant, ascending (a "tail").
+    /// The last `limit` durable events of a tenant, ascending (a "tail").
     fn recent_events(&self, tenant: &TenantId, limit: usize) -> StoreResult<Vec<Event>>;
-    /// The highest sequence number ever assigned (0 if none).
+    /// The durable watermark: every event up to this seq is on disk, served and published;
+    /// none after it is yet (0 if none).
     fn last_event_seq(&self) -> StoreResult<u64>;
-    /// Live events committed from now on (see [`crate::events::EventBus::subscribe`]).
+    /// Resolves once the event with sequence number `seq` (and every one before it) is
+    /// durable and published; an error if the flush failed (the event may then be lost).
+    fn when_durable(&self, seq: u64) -> DurableWait {
+        let _ = seq;
+        DurableWait::ready()
+    }
+    /// [`Store::when_durable`] for every event appended before the call: a read barrier for
+    /// "everything that happened before this request".
+    fn when_all_durable(&self) -> DurableWait {
+        DurableWait::ready()
+    }
+    /// Live events from now on, published once durable, in seq order (see
+    /// [`crate::events::EventBus::subscribe`]).
     fn subscribe(&self, tenant: Option<TenantId>) -> async_channel::Receiver<Event>;
 }

@@ -20,10 +20,32 @@
 //! | `events` | tenant NUL seq (u64 BE) | [`Event`] |
 //!
 //! Every mutation runs in one sled transaction over the entity trees plus `meta` (the sequence
-//! counter) and `events`, under a process-wide writer lock so that sequence numbers are
-//! published to the live bus in commit order. Entity changes are flushed to disk before the
-//! call returns (a secret shown once must not be lost to a crash); plain event appends
-//! (commands, connects) ride sled's periodic flush (every 500 ms) to keep the hot path cheap.
+//! counter) and `events`, under a process-wide writer lock so that sequence numbers are handed
+//! to the durable watermark ([`super::durable`]) in commit order. Events are served and
+//! published only once a flush covers them; one flusher thread group-commits every write made
+//! meanwhile. Entity changes wait for that flush before the call returns (a secret shown once
+//! must not be lost to a crash); plain event appends (commands, connects) return at once, and
+//! the tunnel waits for the flush only where it answers someone (a command's HTTP reply).
+//!
+//! # Hot-path writes
+//!
+//! A sled transaction seals the log's write buffer when it commits (`pin_log` rolls the io
+//! buffer), and every sealed buffer is written and synced (`sync_file_range`) by sled's io
+//! threads: one synced disk write per transaction. That is right for entity changes, but a
+//! connect storm of 10 000 daemons, or 1 000 commands a second, would each pay one. So the
+//! three hot-path writes skip transactions and use plain inserts under the writer lock (which
+//! keeps sequence, commit and publish order), batched into sled's buffer like any non-durable
+//! write:
+//! - [`Store::append_event`] (command records): one insert;
+//! - [`Store::device_connected`] / [`Store::device_disconnected`]: the event, then the device's
+//!   record (first/last seen, agent, host). The two are not atomic: a crash may keep the event
+//!   without the record update (never the other way round, as sled recovers a prefix of its
+//!   log); both are last-seen bookkeeping that the next connect or disconnect rewrites.
+//!
+//! Plain appends do not write the counter in `meta`; on open the last sequence number is the
+//! higher of the counter and the highest event key (one seek per tenant). After a crash that is
+//! the last event sled recovered: every event a client saw was durable, so it is there, and
+//! seqs past it (lost, and never served) are free to be assigned again.
 //!
 //! The data dir holds raw device secrets (HMAC keys): it is created 0700, and an existing one
 //! with group/other access is tightened to 0700 with a warning.
@@ -44,11 +66,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use ::sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use ::sled::{Db, Transactional, Tree};
+use ::sled::{Transactional, Tree};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
+use super::durable::{Durability, FlushStats};
 use super::*;
 use crate::events::{EventBus, kind};
 use crate::semver::Version;
@@ -60,11 +83,22 @@ const SCHEMA_VERSION: &[u8] = b"1";
 pub const MIN_FREE_BYTES: u64 = 4 * 1024 * 1024;
 const KEY_EVENT_SEQ: &[u8] = b"event_seq";
 
+/// sled's in-memory page cache. sled's own default is 1 GiB, which a control plane never
+/// evicts from: every event it ever appended stays in memory until then (≈ 300 bytes per
+/// command or connect, so a busy server's RSS grew by hundreds of MiB an hour), and at 10 000
+/// devices each device's record and connect event cost ~1 KiB of RSS. 8 MiB holds the hot
+/// pages (the tail of the event log, recently used credentials and tokens); everything else is
+/// read back from the data dir's files, which the OS caches. `store_cache_mb` sets it.
+pub const DEFAULT_CACHE_BYTES: u64 = 8 * 1024 * 1024;
+
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
 /// The sled-backed [`Store`].
 pub struct SledStore {
-    db: Db,
+    /// The durable watermark, the events waiting for it, the live bus and the flusher (which
+    /// holds the sled handle it flushes). Dropping it flushes what is pending and stops the
+    /// flusher, so the data dir is unlocked once the store is dropped.
+    durability: Durability,
     path: PathBuf,
     meta: Tree,
     tenants: Tree,
@@ -83,18 +117,24 @@ pub struct SledStore {
     stream_meta: Tree,
     /// Their chunks: (tenant, device, x, NUL, seq BE u32) → flag byte (1 = last) + text.
     stream_chunks: Tree,
-    bus: EventBus,
-    /// Serialises writers so seq order == commit order == publish order.
-    writer: Mutex<()>,
+    /// Serialises writers so seq order == commit order == order handed to `durability`.
+    /// Holds the last sequence number assigned.
+    writer: Mutex<u64>,
 }
 
 impl SledStore {
     /// Opens (creating if needed) the store in `dir`. Fails with an operator-readable message
     /// if the dir cannot be created or another process holds it.
     pub fn open(dir: &Path) -> StoreResult<SledStore> {
+        Self::open_with_cache(dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// [`SledStore::open`] with a page cache of `cache_bytes` (see [`DEFAULT_CACHE_BYTES`]).
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> StoreResult<SledStore> {
         prepare_data_dir(dir)?;
         let db = ::sled::Config::new()
             .path(dir.join("sled"))
+            .cache_capacity(cache_bytes)
             .flush_every_ms(Some(500))
             .open()
             .map_err(|e| open_error(dir, e))?;
@@ -102,33 +142,11 @@ impl SledStore {
             db.open_tree(name)
                 .map_err(|e| StoreError::Backend(format!("opening tree {name}: {e}")))
         };
-        let store = SledStore {
-            meta: tree("meta")?,
-            tenants: tree("tenants")?,
-            api_tokens: tree("api_tokens")?,
-            devices: tree("devices")?,
-            devices_by_tenant: tree("devices_by_tenant")?,
-            legacy_tokens: tree("legacy_tokens")?,
-            templates: tree("templates")?,
-            mcp: tree("mcp")?,
-            sessions: tree("sessions")?,
-            config_pushes: tree("config_pushes")?,
-            policies: tree("policies")?,
-            idempotency: tree("idempotency")?,
-            events: tree("events")?,
-            stream_meta: tree("stream_meta")?,
-            stream_chunks: tree("stream_chunks")?,
-            db,
-            path: dir.to_owned(),
-            bus: EventBus::default(),
-            writer: Mutex::new(()),
-        };
-        match store.meta.get(b"schema").map_err(backend)? {
+        let meta = tree("meta")?;
+        let events = tree("events")?;
+        match meta.get(b"schema").map_err(backend)? {
             None => {
-                store
-                    .meta
-                    .insert(b"schema", SCHEMA_VERSION)
-                    .map_err(backend)?;
+                meta.insert(b"schema", SCHEMA_VERSION).map_err(backend)?;
             }
             Some(v) if v.as_ref() == SCHEMA_VERSION => {}
             Some(v) => {
@@ -141,14 +159,58 @@ impl SledStore {
                 )));
             }
         }
-        Ok(store)
+        let seq = recover_seq(&meta, &events)?;
+        // What sled recovered is the starting watermark, so it must be on disk: after a kill
+        // -9 the last writes of the dead process may still sit in the page cache only (a power
+        // cut now would take back events this process is about to serve).
+        sync_tree(&dir.join("sled")).map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot sync the store files in {} to disk: {e}",
+                dir.display()
+            ))
+        })?;
+        let flusher_db = db.clone();
+        let durability = Durability::start(seq, EventBus::default(), move || {
+            flusher_db.flush().map(|_| ()).map_err(backend)
+        })?;
+        Ok(SledStore {
+            durability,
+            meta,
+            events,
+            tenants: tree("tenants")?,
+            api_tokens: tree("api_tokens")?,
+            devices: tree("devices")?,
+            devices_by_tenant: tree("devices_by_tenant")?,
+            legacy_tokens: tree("legacy_tokens")?,
+            templates: tree("templates")?,
+            mcp: tree("mcp")?,
+            sessions: tree("sessions")?,
+            config_pushes: tree("config_pushes")?,
+            policies: tree("policies")?,
+            idempotency: tree("idempotency")?,
+            stream_meta: tree("stream_meta")?,
+            stream_chunks: tree("stream_chunks")?,
+            path: dir.to_owned(),
+            writer: Mutex::new(seq),
+        })
     }
 
     /// Replaces the live bus with one whose subscribers may queue `queue` events (tests use a
     /// tiny queue to exercise the slow-subscriber path). Call before sharing the store.
-    pub fn with_subscriber_queue(mut self, queue: usize) -> Self {
-        self.bus = EventBus::with_queue(queue);
+    pub fn with_subscriber_queue(self, queue: usize) -> Self {
+        self.durability.bus().set_queue(queue);
         self
+    }
+
+    /// Holds the store's flushes (none starts) until the guard is dropped: events appended
+    /// meanwhile are written but not yet durable, so not served or published. For tests.
+    pub fn hold_flushes(&self) -> super::durable::FlushHold<'_> {
+        self.durability.hold_flushes()
+    }
+
+    /// How many flushes made how many events durable so far (group commit figures).
+    pub fn flush_stats(&self) -> FlushStats {
+        self.durability.stats()
     }
 
     /// The data dir this store lives in.
@@ -179,7 +241,8 @@ impl SledStore {
     }
 
     /// Runs `change` and the events it returns in one transaction over `trees` + meta + events,
-    /// then (after commit) flushes if `durable` and publishes the events.
+    /// hands the events to the watermark (published once flushed) and, if `durable`, waits for
+    /// the flush that covers them.
     fn write<T>(
         &self,
         trees: &[&Tree],
@@ -187,7 +250,8 @@ impl SledStore {
         change: impl Fn(&[TransactionalTree]) -> TxResult<(T, Vec<EventDraft>)>,
     ) -> StoreResult<(T, Vec<Event>)> {
         self.ensure_space()?;
-        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let start = *writer;
         let mut all: Vec<&Tree> = vec![&self.meta, &self.events];
         all.extend_from_slice(trees);
         let (value, events) = all
@@ -195,10 +259,7 @@ impl SledStore {
             .transaction(|views| {
                 let (meta, events_tree) = (&views[0], &views[1]);
                 let (value, drafts) = change(&views[2..])?;
-                let mut seq = match meta.get(KEY_EVENT_SEQ)? {
-                    Some(v) => decode_seq(&v).map_err(ConflictableTransactionError::Abort)?,
-                    None => 0,
-                };
+                let mut seq = start;
                 let mut events = Vec::with_capacity(drafts.len());
                 for draft in drafts {
                     seq += 1;
@@ -210,11 +271,13 @@ impl SledStore {
                 Ok((value, events))
             })
             .map_err(tx_error)?;
-        if durable {
-            self.db.flush().map_err(backend)?;
-        }
+        *writer = start + events.len() as u64;
         for event in &events {
-            self.bus.publish(event);
+            self.durability.push(event.clone());
+        }
+        drop(writer);
+        if durable && let Some(last) = events.last() {
+            self.durability.when_durable(last.seq).wait_blocking()?;
         }
         Ok((value, events))
     }
@@ -251,7 +314,30 @@ impl SledStore {
         self.get_json(&self.devices, id.as_bytes())
     }
 
-    /// Shared body of connect/disconnect: update the device and log the event atomically.
+    /// Appends an event with a plain insert (see "Hot-path writes" in the module docs).
+    fn append_plain(&self, draft: EventDraft) -> StoreResult<Event> {
+        self.ensure_space()?;
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let event = self.insert_event(&mut writer, draft)?;
+        drop(writer);
+        Ok(event)
+    }
+
+    /// Under the writer lock: gives `draft` the next sequence number, inserts it (plain, not
+    /// durable) and hands it to the watermark (published once flushed).
+    fn insert_event(&self, writer: &mut u64, draft: EventDraft) -> StoreResult<Event> {
+        let event = draft.into_event(*writer + 1);
+        let value = serde_json::to_vec(&event).map_err(|e| StoreError::Backend(e.to_string()))?;
+        self.events
+            .insert(event_key(&event.tenant, event.seq), value)
+            .map_err(backend)?;
+        *writer = event.seq;
+        self.durability.push(event.clone());
+        Ok(event)
+    }
+
+    /// Shared body of connect/disconnect: log the event, then update the device, with plain
+    /// writes under the writer lock (see "Hot-path writes" in the module docs).
     fn touch_device(
         &self,
         device_id: &str,
@@ -260,34 +346,37 @@ impl SledStore {
         at_ms: u64,
         detail: impl Fn(&Device) -> Value,
     ) -> StoreResult<Event> {
-        // Not durable: a reconnect storm of thousands of devices must not fsync per device;
-        // losing the last 500 ms of last-seen stamps to a crash is harmless.
-        let (_, mut events) = self.write(&[&self.devices], false, |v| {
-            let devices = &v[0];
-            let Some(raw) = devices.get(device_id.as_bytes())? else {
-                return abort(StoreError::NotFound { what: "device" });
-            };
-            let mut device: Device = decode_tx(&raw)?;
-            update(&mut device);
-            devices.insert(device_id.as_bytes(), encode_tx(&device)?)?;
-            let draft = EventDraft::new(
-                &device.tenant,
-                at_ms,
-                crate::events::ACTOR_SYSTEM,
-                kind_,
-                detail(&device),
-            );
-            Ok(((), vec![draft]))
-        })?;
-        events
-            .pop()
-            .ok_or_else(|| StoreError::Backend("event missing after commit".into()))
+        self.ensure_space()?;
+        // Under the writer lock, so no transactional writer (removal) runs in between the read
+        // and the write: a removed device stays removed.
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(raw) = self.devices.get(device_id.as_bytes()).map_err(backend)? else {
+            return Err(StoreError::NotFound { what: "device" });
+        };
+        let mut device: Device = decode(&raw)?;
+        update(&mut device);
+        let record = serde_json::to_vec(&device).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let draft = EventDraft::new(
+            &device.tenant,
+            at_ms,
+            crate::events::ACTOR_SYSTEM,
+            kind_,
+            detail(&device),
+        );
+        let event = self.insert_event(&mut writer, draft)?;
+        self.devices
+            .insert(device_id.as_bytes(), record)
+            .map_err(backend)?;
+        drop(writer);
+        Ok(event)
     }
 }
 
 impl Store for SledStore {
     fn probe(&self) -> StoreResult<()> {
         self.ensure_space()?;
+        // Failing or hung flushes: events stay invisible, the store is not healthy.
+        self.durability.health()?;
         let stamp = crate::time::now_ms().to_be_bytes();
         self.meta.insert(b"probe", &stamp).map_err(backend)?;
         match self.meta.get(b"probe").map_err(backend)? {
@@ -299,7 +388,7 @@ impl Store for SledStore {
     }
 
     fn flush(&self) -> StoreResult<()> {
-        self.db.flush().map(|_| ()).map_err(backend)
+        self.durability.flush_round().wait_blocking()
     }
 
     fn check_writable(&self) -> StoreResult<()> {
@@ -870,8 +959,7 @@ impl Store for SledStore {
                 Ok(())
             })
             .map_err(tx_error)?;
-        self.db.flush().map_err(backend)?;
-        Ok(())
+        self.durability.flush_round().wait_blocking()
     }
 
     fn idempotency_release(&self, tenant: &TenantId, key: &str) -> StoreResult<()> {
@@ -899,30 +987,28 @@ impl Store for SledStore {
     }
 
     fn append_event(&self, draft: EventDraft) -> StoreResult<Event> {
-        let (_, mut events) = self.write(&[], false, |_| Ok(((), vec![draft.clone()])))?;
-        events
-            .pop()
-            .ok_or_else(|| StoreError::Backend("event missing after commit".into()))
+        self.append_plain(draft)
     }
 
     fn events(&self, tenant: &TenantId, after: u64, limit: usize) -> StoreResult<Vec<Event>> {
-        let Some(first) = after.checked_add(1) else {
+        let durable = self.durability.durable();
+        if after >= durable {
             return Ok(vec![]);
-        };
-        let start = event_key(tenant, first);
-        let mut end = tenant.as_str().as_bytes().to_vec();
-        end.push(1); // just past every `tenant NUL ...` key
+        }
+        let start = event_key(tenant, after + 1);
+        let end = event_key(tenant, durable);
         self.events
-            .range(start..end)
+            .range(start..=end)
             .take(limit)
             .map(|kv| kv.map_err(backend).and_then(|(_, v)| decode(&v)))
             .collect()
     }
 
     fn recent_events(&self, tenant: &TenantId, limit: usize) -> StoreResult<Vec<Event>> {
+        let durable = self.durability.durable();
         let mut events = self
             .events
-            .scan_prefix(pair_key(tenant.as_str(), ""))
+            .range(event_key(tenant, 0)..=event_key(tenant, durable))
             .rev()
             .take(limit)
             .map(|kv| kv.map_err(backend).and_then(|(_, v)| decode(&v)))
@@ -932,10 +1018,15 @@ impl Store for SledStore {
     }
 
     fn last_event_seq(&self) -> StoreResult<u64> {
-        match self.meta.get(KEY_EVENT_SEQ).map_err(backend)? {
-            Some(v) => decode_seq(&v),
-            None => Ok(0),
-        }
+        Ok(self.durability.durable())
+    }
+
+    fn when_durable(&self, seq: u64) -> DurableWait {
+        self.durability.when_durable(seq)
+    }
+
+    fn when_all_durable(&self) -> DurableWait {
+        self.durability.when_all_durable()
     }
 
     fn register_stream(
@@ -1058,6 +1149,31 @@ impl Store for SledStore {
         )
     }
 
+    fn latest_stream_for_session(
+        &self,
+        tenant: &TenantId,
+        device_id: &str,
+        session_id: &str,
+    ) -> StoreResult<Option<String>> {
+        let mut prefix = pair_key(tenant.as_str(), device_id);
+        prefix.push(0);
+        let mut best: Option<(u64, String)> = None;
+        for item in self.stream_meta.scan_prefix(&prefix) {
+            let (k, v) = item.map_err(backend)?;
+            let meta: StreamMeta = decode(&v)?;
+            if meta.session_id.as_deref() != Some(session_id) {
+                continue;
+            }
+            let Ok(x) = std::str::from_utf8(&k[prefix.len()..]) else {
+                continue;
+            };
+            if best.as_ref().is_none_or(|(at, _)| meta.updated_ms >= *at) {
+                best = Some((meta.updated_ms, x.to_owned()));
+            }
+        }
+        Ok(best.map(|(_, x)| x))
+    }
+
     fn prune_streams(&self, ended_before_ms: u64, idle_before_ms: u64) -> StoreResult<usize> {
         let mut pruned = 0;
         for item in self.stream_meta.iter() {
@@ -1088,7 +1204,7 @@ impl Store for SledStore {
     }
 
     fn subscribe(&self, tenant: Option<TenantId>) -> async_channel::Receiver<Event> {
-        self.bus.subscribe(tenant)
+        self.durability.bus().subscribe(tenant)
     }
 }
 
@@ -1116,6 +1232,20 @@ fn prepare_data_dir(dir: &Path) -> StoreResult<()> {
             .map_err(|e| io("cannot chmod 0700", e))?;
     }
     Ok(())
+}
+
+/// fsyncs every file under `dir` and the directories themselves.
+fn sync_tree(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            sync_tree(&entry.path())?;
+        } else if kind.is_file() {
+            std::fs::File::open(entry.path())?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn open_error(dir: &Path, e: ::sled::Error) -> StoreError {
@@ -1171,6 +1301,36 @@ fn semver_order(a: &str, b: &str) -> std::cmp::Ordering {
         (Some(_), None) => std::cmp::Ordering::Greater,
         (None, None) => a.cmp(b),
     }
+}
+
+/// The last sequence number ever assigned: the counter in `meta` (written by transactional
+/// writes) or the highest event key, whichever is higher (plain appends do not write the
+/// counter). One seek per tenant: the last key of each `tenant NUL` range.
+fn recover_seq(meta: &Tree, events: &Tree) -> StoreResult<u64> {
+    let mut seq = match meta.get(KEY_EVENT_SEQ).map_err(backend)? {
+        Some(v) => decode_seq(&v)?,
+        None => 0,
+    };
+    let mut from: Vec<u8> = Vec::new();
+    while let Some(kv) = events.range(from.as_slice()..).next() {
+        let (key, _) = kv.map_err(backend)?;
+        let Some(nul) = key.iter().position(|&b| b == 0) else {
+            // Not an event key; step over it.
+            from = key.to_vec();
+            from.push(0);
+            continue;
+        };
+        if let Some(last) = events.scan_prefix(&key[..=nul]).next_back() {
+            let (last, _) = last.map_err(backend)?;
+            if let Ok(b) = <[u8; 8]>::try_from(&last[nul + 1..]) {
+                seq = seq.max(u64::from_be_bytes(b));
+            }
+        }
+        // Just past every `tenant NUL ...` key.
+        from = key[..nul].to_vec();
+        from.push(1);
+    }
+    Ok(seq)
 }
 
 fn decode_seq(v: &[u8]) -> StoreResult<u64> {

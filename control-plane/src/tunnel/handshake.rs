@@ -176,7 +176,7 @@ where
         }
     };
 
-    let credentials = match fetch_credentials(shared, &hello).await {
+    let credentials = match fetch_credentials(shared, &hello) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(%remote, error = %e, "tunnel handshake: store lookup failed");
@@ -257,12 +257,15 @@ fn verify(
 
 /// The device's credential and, if legacy tokens are enabled, the shared token named by the
 /// `h1` (by `ak`, or by the key id of `at`).
-async fn fetch_credentials(
+///
+/// Point reads, made right here on the executor like the API's token lookups: a blocking-pool
+/// hop per handshake cost more (two thread wake-ups) than the read, and in a reconnect storm
+/// it kept dozens of pool threads spinning up and down.
+fn fetch_credentials(
     shared: &TunnelShared,
     hello: &Hello,
 ) -> StoreResult<(Option<DeviceCredential>, Option<LegacyToken>)> {
-    let store = shared.store.clone();
-    let device_id = hello.device_id.clone();
+    let store = &shared.store;
     let legacy_key = if shared.config.allow_legacy_tokens {
         hello
             .key_id
@@ -271,15 +274,12 @@ async fn fetch_credentials(
     } else {
         None
     };
-    smol::unblock(move || {
-        let device = store.device_credential(&device_id)?;
-        let legacy = match legacy_key {
-            Some(k) => store.legacy_token(&k)?.filter(|t| !t.revoked),
-            None => None,
-        };
-        Ok((device, legacy))
-    })
-    .await
+    let device = store.device_credential(&hello.device_id)?;
+    let legacy = match legacy_key {
+        Some(k) => store.legacy_token(&k)?.filter(|t| !t.revoked),
+        None => None,
+    };
+    Ok((device, legacy))
 }
 
 fn credential_for(

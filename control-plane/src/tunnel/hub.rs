@@ -19,6 +19,17 @@
 //! skip 0 and ids still pending, and wrap. When a connection ends, every request pending on it
 //! fails at once (`device_replaced` when a newer connection of the same device took over,
 //! `device_disconnected` otherwise) instead of waiting for its timeout (0.1.50 §12.2 #9).
+//!
+//! Port-proxy answers ([`DeviceHub::proxy`]): the `pv` settles the request like any reply; a
+//! streamed one (`ss:1`) also opens a *proxy stream* under the same id on the same connection,
+//! which its `ps` chunks feed and its `pe` ends ([`ProxyBody`]). Only the connection that
+//! answered can feed it (0.1.50 let any device inject into any stream, §12.1 #3). A stream
+//! holds at most [`PROXY_STREAM_BUFFER_BYTES`] its HTTP client has not read yet: a client that
+//! falls further behind is cut off instead of the control plane buffering without bound (the
+//! daemon is told with `pe`, as when the client goes away). Native daemons never get that far:
+//! they keep at most a window in flight and are granted more with `pw` as the client takes the
+//! body ([`PROXY_CREDIT_BYTES`]), so a slow client slows the upstream down instead. Open
+//! streams count against the device's pending-request cap.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -31,9 +42,12 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use codemantle_protocol::codec::{self, Codec};
 use codemantle_protocol::error::{EncodeError, ErrorCode};
-use codemantle_protocol::message::{Message, MessageKind, StreamChunk};
+use codemantle_protocol::message::{
+    Message, MessageKind, ProxyResponse, ProxyWindow, RequestOnly, StreamChunk,
+};
 use futures_lite::FutureExt as _;
 
+use super::recorder::Recorder;
 use crate::events::CommandRecord;
 use crate::metrics::Metrics;
 use crate::presence::ConnectionId;
@@ -48,6 +62,9 @@ pub struct DispatchConfig {
     pub git_timeout: Duration,
     /// Reply timeout of port-proxy requests (0.1.50: 20 s).
     pub proxy_timeout: Duration,
+    /// Reply timeout of a session start: the daemon waits up to its own `start_timeout_s`
+    /// (30 s by default) for OpenCode to answer its health check, so this must be longer.
+    pub session_start_timeout: Duration,
     /// Requests in flight per device before new ones get 429 `device_busy`.
     pub max_pending_per_device: usize,
 }
@@ -58,6 +75,7 @@ impl Default for DispatchConfig {
             request_timeout: Duration::from_secs(15),
             git_timeout: Duration::from_secs(180),
             proxy_timeout: Duration::from_secs(20),
+            session_start_timeout: Duration::from_secs(45),
             max_pending_per_device: 256,
         }
     }
@@ -68,6 +86,97 @@ pub const MAX_SNAPSHOT_BYTES: usize = 4 * 1024 * 1024;
 
 /// Frames that may wait in one outbox beyond the pending requests (acks, fire-and-forget).
 const OUTBOX_SLACK: usize = 64;
+
+/// Most bytes of one proxied response body waiting for its HTTP client (see the module doc).
+pub const PROXY_STREAM_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// A native daemon gets `pw` credit each time the HTTP client has taken this much more of a
+/// stream. Must stay well under the daemon's window (2 MiB), or the two would wait for each
+/// other.
+pub const PROXY_CREDIT_BYTES: usize = 256 * 1024;
+
+/// A piece of a streamed proxy answer.
+#[derive(Debug)]
+enum ProxyPiece {
+    Data(Vec<u8>),
+    End,
+}
+
+/// The sending side of an open proxy stream (in the connection's state).
+struct ProxyTx {
+    tx: async_channel::Sender<ProxyPiece>,
+    /// Bytes sent and not yet taken by the HTTP body.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The answer to a port-proxy request: the `pv`, and its body stream when `pv.ss` is set.
+pub struct ProxyReply {
+    pub head: ProxyResponse,
+    pub body: Option<ProxyBody>,
+}
+
+/// The body of a streamed proxy answer. Dropping it before the end (the HTTP client went
+/// away) closes the stream and tells a native daemon to stop (`pe`).
+pub struct ProxyBody {
+    conn: Arc<Conn>,
+    id: u32,
+    rx: async_channel::Receiver<ProxyPiece>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    ended: bool,
+    /// Bytes taken by the client and not yet granted back to the daemon as `pw`.
+    uncredited: usize,
+}
+
+/// How a streamed proxy body went on.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ProxyNext {
+    Data(Vec<u8>),
+    /// The daemon sent `pe`: the body is complete.
+    End,
+    /// The stream was cut: the connection ended, or the client fell too far behind.
+    Cut,
+}
+
+impl ProxyBody {
+    /// The next piece of the body.
+    pub async fn next(&mut self) -> ProxyNext {
+        if self.ended {
+            return ProxyNext::End;
+        }
+        match self.rx.recv().await {
+            Ok(ProxyPiece::Data(d)) => {
+                self.queued.fetch_sub(d.len(), Ordering::SeqCst);
+                self.uncredited += d.len();
+                if self.uncredited >= PROXY_CREDIT_BYTES {
+                    self.conn.grant_proxy(self.id, self.uncredited);
+                    self.uncredited = 0;
+                }
+                ProxyNext::Data(d)
+            }
+            Ok(ProxyPiece::End) => {
+                self.ended = true;
+                ProxyNext::End
+            }
+            Err(_) => {
+                self.ended = true;
+                ProxyNext::Cut
+            }
+        }
+    }
+
+    /// The request id the stream answers.
+    pub fn request_id(&self) -> u32 {
+        self.id
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.conn.cancel_proxy(self.id);
+        }
+    }
+}
 
 /// Why a command did not produce a reply.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -103,6 +212,12 @@ pub enum DispatchError {
     /// A streamed reply grew past its limit.
     #[error("the device's reply exceeds {limit} bytes")]
     TooLarge { limit: usize },
+    /// The device ran a mutating command, but its `command` event could not be recorded (the
+    /// store refused the write or its flush failed, e.g. on a full disk): answering success
+    /// would leave a change the event log never shows. A retry with the same Idempotency-Key
+    /// is answered from the daemon's journal and recorded then (found by `cm-soak`).
+    #[error("the command ran but could not be recorded: {reason}")]
+    Unrecorded { reason: String, storage_full: bool },
 }
 
 impl DispatchError {
@@ -118,6 +233,7 @@ impl DispatchError {
             DispatchError::Disconnected => "device_disconnected".into(),
             DispatchError::Remote { code, .. } => format!("E_{}", code.as_str()),
             DispatchError::TooLarge { .. } => "too_large".into(),
+            DispatchError::Unrecorded { .. } => "unrecorded".into(),
         }
     }
 }
@@ -236,6 +352,7 @@ pub fn is_mutating(kind: MessageKind) -> bool {
             | K::ConfigPush
             | K::SetupSave
             | K::JitKill
+            | K::JitRenew
             | K::GitInit
             | K::GitClone
             | K::GitAdd
@@ -261,6 +378,7 @@ fn set_idempotency_key(msg: &mut Message, ik: &str) {
         Message::SetupSave(m) => m.idempotency_key = ik,
         Message::ConfigPush(m) => m.idempotency_key = ik,
         Message::JitKill(m) => m.idempotency_key = ik,
+        Message::JitRenew(m) => m.idempotency_key = ik,
         Message::GitClone(m) => m.idempotency_key = ik,
         Message::GitAdd(m) => m.idempotency_key = ik,
         Message::GitCommit(m) => m.idempotency_key = ik,
@@ -298,6 +416,7 @@ pub fn reply_ok(reply: &Message) -> bool {
         Message::SetupSaveResult(r) => r.ok,
         Message::ConfigResult(r) => r.ok,
         Message::JitKillResult(r) => r.ok,
+        Message::JitRenewResult(r) => r.ok,
         Message::GitStatusResult(r) => r.ok,
         Message::GitInitResult(r)
         | Message::GitCloneResult(r)
@@ -350,6 +469,12 @@ enum Expect {
 enum Settled {
     Reply(Message),
     Stream(String),
+    /// A streamed `pv` and the receiving end of its stream.
+    Proxy(
+        ProxyResponse,
+        async_channel::Receiver<ProxyPiece>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ),
 }
 
 struct Pending {
@@ -357,15 +482,87 @@ struct Pending {
     tx: async_channel::Sender<Result<Settled, DispatchError>>,
 }
 
+/// What an idle connection keeps is what every device costs, so the state holds nothing
+/// between requests: the outbox's buffer is freed when it empties, and the request maps live
+/// in boxes that exist only while something is in flight ([`LazyMap`]).
 #[derive(Default)]
 struct ConnState {
     outbox: VecDeque<WsMessage>,
     waker: Option<Waker>,
     closing: Option<CloseCause>,
-    pending: HashMap<u32, Pending>,
+    pending: LazyMap<u32, Pending>,
     /// Stream id → request id, for `sc` chunks (they carry no `i`).
-    streams: HashMap<Box<str>, u32>,
+    streams: LazyMap<Box<str>, u32>,
+    /// Open proxy streams by request id, for `ps`/`pe`.
+    proxy: LazyMap<u32, ProxyTx>,
     telemetry: Telemetry,
+}
+
+/// A `HashMap` that takes one pointer while empty (an empty `HashMap` is 48 bytes, and keeps
+/// its table once it has had entries): it is boxed on the first insert and freed when its last
+/// entry goes.
+#[allow(
+    clippy::box_collection,
+    reason = "an empty map costs one pointer per device instead of a 48-byte HashMap"
+)]
+struct LazyMap<K, V>(Option<Box<HashMap<K, V>>>);
+
+impl<K, V> Default for LazyMap<K, V> {
+    fn default() -> Self {
+        LazyMap(None)
+    }
+}
+
+impl<K: std::hash::Hash + Eq, V> LazyMap<K, V> {
+    fn get<Q>(&self, k: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.0.as_ref()?.get(k)
+    }
+
+    fn get_mut<Q>(&mut self, k: &Q) -> Option<&mut V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.0.as_mut()?.get_mut(k)
+    }
+
+    fn contains_key<Q>(&self, k: &Q) -> bool
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.get(k).is_some()
+    }
+
+    fn insert(&mut self, k: K, v: V) {
+        self.0.get_or_insert_with(Default::default).insert(k, v);
+    }
+
+    fn remove<Q>(&mut self, k: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        let map = self.0.as_mut()?;
+        let v = map.remove(k);
+        if map.is_empty() {
+            self.0 = None;
+        }
+        v
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    /// Empties the map, returning its entries.
+    fn take(&mut self) -> impl Iterator<Item = (K, V)> {
+        self.0.take().into_iter().flat_map(|m| m.into_iter())
+    }
 }
 
 /// What the connection task should do next (see [`Conn::poll_outgoing`]).
@@ -376,7 +573,7 @@ pub enum Outgoing {
 
 /// One live connection of a device, shared by its connection task and the dispatchers.
 pub struct Conn {
-    device_id: Box<str>,
+    device_id: Arc<str>,
     tenant: TenantId,
     codec: Codec,
     presence: ConnectionId,
@@ -425,8 +622,8 @@ impl Conn {
             return Poll::Ready(Outgoing::Close(cause));
         }
         if let Some(frame) = st.outbox.pop_front() {
-            if st.outbox.is_empty() && st.outbox.capacity() > 16 {
-                st.outbox.shrink_to_fit();
+            if st.outbox.is_empty() {
+                st.outbox = VecDeque::new();
             }
             return Poll::Ready(Outgoing::Frame(frame));
         }
@@ -456,6 +653,14 @@ impl Conn {
     /// Settles the pending request `reply` answers, if any. Returns false if nothing was
     /// waiting for it (unknown id, or not the expected kind: ignored, as in 0.1.50).
     pub fn settle(&self, reply: Message) -> bool {
+        let reply = match reply {
+            Message::ProxyChunk(ps) => {
+                return self.proxy_piece(ps.request_id, ProxyPiece::Data(ps.data));
+            }
+            Message::ProxyEnd(pe) => return self.proxy_piece(pe.request_id, ProxyPiece::End),
+            Message::ProxyResponse(pv) if pv.streaming => return self.settle_proxy(pv),
+            reply => reply,
+        };
         let Some(id) = reply.request_id() else {
             return false;
         };
@@ -569,7 +774,9 @@ impl Conn {
         if let Some(cause) = st.closing {
             return Err(cause.dispatch_error());
         }
-        if st.pending.len() >= max_pending || st.outbox.len() >= max_pending + OUTBOX_SLACK {
+        if st.pending.len() + st.proxy.len() >= max_pending
+            || st.outbox.len() >= max_pending + OUTBOX_SLACK
+        {
             return Err(DispatchError::Busy { limit: max_pending });
         }
         let id = loop {
@@ -581,7 +788,10 @@ impl Conn {
         let stream_id = matches!(mode, Mode::Stream).then(new_stream_id);
         let mut msg = build(id, stream_id.as_deref());
         let kind = msg.kind();
-        let check_compat = !self.codec.is_native() && msg.to_compat() != msg;
+        // A 0.1.x (JSON) daemon would drop a native-only field or not know a native-only
+        // message (`jr`): refuse instead of sending something it cannot honour.
+        let check_compat =
+            !self.codec.is_native() && (msg.is_native_only() || msg.to_compat() != msg);
         if let (true, Some(ik)) = (self.codec.is_native() && is_mutating(kind), idempotency) {
             set_idempotency_key(&mut msg, ik);
         }
@@ -628,6 +838,111 @@ impl Conn {
         })
     }
 
+    /// A streamed `pv`: settles its request and opens the stream its `ps` chunks feed.
+    fn settle_proxy(&self, pv: ProxyResponse) -> bool {
+        let id = pv.request_id;
+        let mut st = self.lock();
+        match st.pending.get(&id) {
+            Some(Pending {
+                expect: Expect::Reply(MessageKind::ProxyResponse),
+                ..
+            }) => {}
+            _ => {
+                // Nobody waits any more (timed out): the daemon need not stream it.
+                self.push_cancel(&mut st, id);
+                return false;
+            }
+        }
+        let Some(p) = st.pending.remove(&id) else {
+            return false;
+        };
+        let (tx, rx) = async_channel::unbounded();
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        if p.tx
+            .try_send(Ok(Settled::Proxy(pv, rx, queued.clone())))
+            .is_ok()
+        {
+            st.proxy.insert(id, ProxyTx { tx, queued });
+        }
+        true
+    }
+
+    /// A `ps`/`pe` for proxy stream `id`. False if no such stream is open on this connection.
+    fn proxy_piece(&self, id: u32, piece: ProxyPiece) -> bool {
+        let mut st = self.lock();
+        let Some(stream) = st.proxy.get(&id) else {
+            // A stream nobody reads (cut, or its request timed out): tell the daemon again.
+            if matches!(piece, ProxyPiece::Data(_)) {
+                self.push_cancel(&mut st, id);
+            }
+            return false;
+        };
+        let cut = match &piece {
+            ProxyPiece::End => {
+                let _ = stream.tx.try_send(piece);
+                st.proxy.remove(&id);
+                return true;
+            }
+            ProxyPiece::Data(d) => {
+                let len = d.len();
+                let queued = stream.queued.fetch_add(len, Ordering::SeqCst) + len;
+                queued > PROXY_STREAM_BUFFER_BYTES || stream.tx.try_send(piece).is_err()
+            }
+        };
+        if cut {
+            tracing::info!(device = %self.device_id, id, "proxy stream cut: its client is gone or too far behind");
+            st.proxy.remove(&id);
+            self.push_cancel(&mut st, id);
+        }
+        true
+    }
+
+    /// The HTTP side of proxy stream `id` is gone: forget the stream and tell the daemon.
+    fn cancel_proxy(&self, id: u32) {
+        let mut st = self.lock();
+        if st.proxy.remove(&id).is_some() {
+            self.push_cancel(&mut st, id);
+        }
+    }
+
+    /// Queues `pw {i, n}` for a native daemon whose stream `id` is still open: its client
+    /// took `n` more bytes.
+    fn grant_proxy(&self, id: u32, n: usize) {
+        let mut st = self.lock();
+        if !self.codec.is_native() || st.closing.is_some() || !st.proxy.contains_key(&id) {
+            return;
+        }
+        let msg = Message::ProxyWindow(ProxyWindow {
+            request_id: id,
+            bytes: u32::try_from(n).unwrap_or(u32::MAX),
+        });
+        if let Ok(frame) = encode_frame(&msg, self.codec) {
+            st.outbox.push_back(frame);
+            if let Some(w) = st.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Queues `pe {i}` for a native daemon (it stops streaming); 0.1.x daemons know no cancel.
+    fn push_cancel(&self, st: &mut ConnState, id: u32) {
+        if !self.codec.is_native() || st.closing.is_some() {
+            return;
+        }
+        let msg = Message::ProxyEnd(RequestOnly { request_id: id });
+        if let Ok(frame) = encode_frame(&msg, self.codec) {
+            st.outbox.push_back(frame);
+            if let Some(w) = st.waker.take() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Proxy streams open on this connection.
+    pub fn proxy_stream_count(&self) -> usize {
+        self.lock().proxy.len()
+    }
+
     fn forget(&self, id: u32) {
         let mut st = self.lock();
         if let Some(p) = st.pending.remove(&id) {
@@ -635,18 +950,16 @@ impl Conn {
                 st.streams.remove(&stream_id);
             }
         }
-        if st.pending.is_empty() && st.pending.capacity() > 32 {
-            st.pending.shrink_to_fit();
-        }
     }
 }
 
 fn fail_all(st: &mut ConnState, err: &DispatchError) {
-    for (_, p) in st.pending.drain() {
+    for (_, p) in st.pending.take() {
         let _ = p.tx.try_send(Err(err.clone()));
     }
-    st.streams.clear();
-    st.outbox.clear();
+    st.streams.take().for_each(drop);
+    st.proxy.take().for_each(drop);
+    st.outbox = VecDeque::new();
 }
 
 fn new_stream_id() -> String {
@@ -693,12 +1006,14 @@ pub struct Sent {
 
 /// Registry of live connections, and the dispatcher.
 pub struct DeviceHub {
-    devices: Mutex<HashMap<Box<str>, Arc<Conn>>>,
+    devices: Mutex<HashMap<Arc<str>, Arc<Conn>>>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     config: DispatchConfig,
     /// Session output streams (`sc` of prompts), shared with the API.
     pub streams: crate::streams::Streams,
+    /// Command records here; the tunnel's connects and disconnects too (one ordered queue).
+    recorder: Recorder,
 }
 
 impl DeviceHub {
@@ -709,6 +1024,7 @@ impl DeviceHub {
             store,
             metrics,
             config,
+            recorder: Recorder::new(),
         }
     }
 
@@ -716,7 +1032,12 @@ impl DeviceHub {
         &self.config
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<Box<str>, Arc<Conn>>> {
+    /// The queue of bookkeeping writes (see [`super::recorder`]).
+    pub fn recorder(&self) -> &Recorder {
+        &self.recorder
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Conn>>> {
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -776,6 +1097,10 @@ impl DeviceHub {
             self.config.git_timeout
         } else if kind == MessageKind::ProxyRequest {
             self.config.proxy_timeout
+        } else if kind == MessageKind::StartSession {
+            self.config
+                .session_start_timeout
+                .max(self.config.request_timeout)
         } else {
             self.config.request_timeout
         }
@@ -806,7 +1131,7 @@ impl DeviceHub {
             .await?
         {
             Settled::Reply(m) => Ok(m),
-            Settled::Stream(_) => Err(DispatchError::Disconnected),
+            _ => Err(DispatchError::Disconnected),
         }
     }
 
@@ -830,7 +1155,7 @@ impl DeviceHub {
             .await?;
         match out {
             Settled::Stream(text) => Ok(text),
-            Settled::Reply(_) => Err(DispatchError::Disconnected),
+            _ => Err(DispatchError::Disconnected),
         }
     }
 
@@ -849,11 +1174,52 @@ impl DeviceHub {
             Mode::FireAndForget,
             caller.idempotency.as_deref(),
         )?;
-        self.record(caller, device, &queued, "sent".into(), started)
-            .await;
+        // A prompt that was sent but not recorded is answered like any unrecorded command.
+        if let Err(e) = self
+            .record(caller, device, &queued, "sent".into(), started)
+            .await
+            && is_mutating(queued.kind)
+        {
+            return Err(DispatchError::Unrecorded {
+                storage_full: matches!(e, crate::store::StoreError::StorageFull { .. }),
+                reason: e.to_string(),
+            });
+        }
         Ok(Sent {
             request_id: queued.id,
         })
+    }
+
+    /// Sends a port-proxy request (`pr`) and waits for its `pv` (the proxy timeout covers only
+    /// that much); a streamed answer comes with its body ([`ProxyBody`]).
+    pub async fn proxy(
+        &self,
+        caller: &Caller,
+        device: &CheckedDevice,
+        build: impl FnOnce(u32) -> Message,
+    ) -> Result<ProxyReply, DispatchError> {
+        let conn = self.connection(device)?;
+        match self
+            .dispatch(caller, device, Mode::Reply, |id, _| build(id), |_| {})
+            .await?
+        {
+            Settled::Reply(Message::ProxyResponse(head)) => Ok(ProxyReply { head, body: None }),
+            Settled::Proxy(head, rx, queued) => {
+                let id = head.request_id;
+                Ok(ProxyReply {
+                    head,
+                    body: Some(ProxyBody {
+                        conn,
+                        id,
+                        rx,
+                        queued,
+                        ended: false,
+                        uncredited: 0,
+                    }),
+                })
+            }
+            _ => Err(DispatchError::Disconnected),
+        }
     }
 
     fn connection(&self, device: &CheckedDevice) -> Result<Arc<Conn>, DispatchError> {
@@ -903,8 +1269,16 @@ impl DeviceHub {
             Ok(_) => "ok".to_owned(),
             Err(e) => e.outcome(),
         };
-        self.record(caller, device, &queued, label, started).await;
-        outcome
+        let recorded = self.record(caller, device, &queued, label, started).await;
+        match recorded {
+            Err(e) if outcome.is_ok() && is_mutating(queued.kind) => {
+                Err(DispatchError::Unrecorded {
+                    storage_full: matches!(e, crate::store::StoreError::StorageFull { .. }),
+                    reason: e.to_string(),
+                })
+            }
+            _ => outcome,
+        }
     }
 
     async fn record(
@@ -914,7 +1288,7 @@ impl DeviceHub {
         queued: &Queued,
         outcome: String,
         started: Instant,
-    ) {
+    ) -> crate::store::StoreResult<()> {
         let record = CommandRecord {
             tenant: caller.tenant.clone(),
             actor: caller.actor.clone(),
@@ -927,12 +1301,20 @@ impl DeviceHub {
         };
         let (store, metrics) = (self.store.clone(), self.metrics.clone());
         let stream = queued.stream_id.clone();
-        let result =
-            smol::unblock(move || crate::events::record_command(store.as_ref(), &metrics, &record))
-                .await;
-        if let Err(e) = result {
+        let result = self
+            .recorder
+            .run(move || crate::events::record_command(store.as_ref(), &metrics, &record))
+            .await;
+        // The answer waits until the record is durable (one flush shared with every write
+        // meanwhile), so a command that was answered is in the event log after any crash.
+        let durable = match result {
+            Ok(event) => self.store.when_durable(event.seq).wait().await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &durable {
             tracing::warn!(error = %e, stream = ?stream, "could not record a command event");
         }
+        durable.map(|_| ())
     }
 }
 
@@ -948,6 +1330,181 @@ mod tests {
             codec,
             ConnectionId(1),
         )
+    }
+
+    fn proxy_request(id: u32) -> Message {
+        Message::ProxyRequest(codemantle_protocol::message::ProxyRequest {
+            request_id: id,
+            port: 4100,
+            method: "GET".into(),
+            target: "/event".into(),
+            headers: vec![],
+            body: vec![],
+        })
+    }
+
+    fn ps(id: u32, data: &[u8]) -> Message {
+        Message::ProxyChunk(codemantle_protocol::message::ProxyChunk {
+            request_id: id,
+            data: data.to_vec(),
+        })
+    }
+
+    /// Sends a `pr`, answers it with a streamed `pv`; returns the open body.
+    fn open_proxy_stream(c: &Arc<Conn>) -> ProxyBody {
+        let q = c
+            .enqueue(4, |id, _| proxy_request(id), Mode::Reply, None)
+            .expect("queued");
+        c.lock().outbox.clear();
+        let rx = q.rx.expect("pending");
+        // A chunk before the pv belongs to no open stream (and a native daemon is told to
+        // stop sending it).
+        assert!(!c.settle(ps(q.id, b"early")));
+        let told = outbox(c);
+        assert_eq!(told.len(), usize::from(c.codec.is_native()));
+        c.lock().outbox.clear();
+        let pv = ProxyResponse {
+            request_id: q.id,
+            ok: true,
+            status: Some(200),
+            status_text: Some("OK".into()),
+            headers: Some(vec![]),
+            body: Some(vec![]),
+            error: None,
+            streaming: true,
+        };
+        assert!(c.settle(Message::ProxyResponse(pv)));
+        let Ok(Ok(Settled::Proxy(head, rx, queued))) = rx.try_recv() else {
+            panic!("no streamed pv settled")
+        };
+        assert!(head.streaming);
+        assert_eq!(c.pending_count(), 0);
+        ProxyBody {
+            conn: c.clone(),
+            id: q.id,
+            rx,
+            queued,
+            ended: false,
+            uncredited: 0,
+        }
+    }
+
+    fn outbox(c: &Conn) -> Vec<Message> {
+        c.lock()
+            .outbox
+            .iter()
+            .map(|f| match f {
+                WsMessage::Binary(b) => codec::decode(b, Codec::Cbor).expect("cbor"),
+                WsMessage::Text(t) => codec::decode(t.as_bytes(), Codec::Json).expect("json"),
+                other => panic!("unexpected frame {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn proxy_streams_are_fed_only_by_their_own_connection_and_count_against_the_cap() {
+        let c = Arc::new(conn(Codec::Cbor));
+        let mut body = open_proxy_stream(&c);
+        let id = body.request_id();
+        assert_eq!(c.proxy_stream_count(), 1);
+        // The open stream takes a slot of the pending cap.
+        assert!(matches!(
+            c.enqueue(1, |id, _| mkdir(id), Mode::Reply, None),
+            Err(DispatchError::Busy { limit: 1 })
+        ));
+        assert!(c.settle(ps(id, b"one")));
+        assert_eq!(
+            smol::block_on(body.next()),
+            ProxyNext::Data(b"one".to_vec())
+        );
+        // Another device's connection cannot inject into it (0.1.50 §12.1 #3).
+        let other = conn(Codec::Cbor);
+        assert!(!other.settle(ps(id, b"evil")));
+        assert!(c.settle(Message::ProxyEnd(RequestOnly { request_id: id })));
+        assert_eq!(smol::block_on(body.next()), ProxyNext::End);
+        assert_eq!(c.proxy_stream_count(), 0);
+        drop(body);
+        assert!(outbox(&c).is_empty(), "a finished stream is not cancelled");
+    }
+
+    #[test]
+    fn a_native_daemon_is_granted_credit_as_the_client_takes_the_body() {
+        let c = Arc::new(conn(Codec::Cbor));
+        let mut body = open_proxy_stream(&c);
+        let id = body.request_id();
+        let chunk = vec![b'x'; 64 * 1024];
+        let per_grant = PROXY_CREDIT_BYTES / chunk.len();
+        for _ in 0..per_grant * 2 {
+            assert!(c.settle(ps(id, &chunk)));
+        }
+        assert!(outbox(&c).is_empty(), "nothing taken yet, nothing granted");
+        for _ in 0..per_grant - 1 {
+            smol::block_on(body.next());
+        }
+        assert!(outbox(&c).is_empty());
+        smol::block_on(body.next());
+        let grant = Message::ProxyWindow(ProxyWindow {
+            request_id: id,
+            bytes: u32::try_from(PROXY_CREDIT_BYTES).unwrap(),
+        });
+        assert_eq!(outbox(&c), vec![grant]);
+        // A 0.1.x daemon gets none.
+        let j = Arc::new(conn(Codec::Json));
+        let mut body = open_proxy_stream(&j);
+        let id = body.request_id();
+        for _ in 0..per_grant {
+            assert!(j.settle(ps(id, &chunk)));
+            smol::block_on(body.next());
+        }
+        assert!(outbox(&j).is_empty());
+    }
+
+    #[test]
+    fn a_proxy_client_that_falls_behind_is_cut_and_the_daemon_told_to_stop() {
+        let c = Arc::new(conn(Codec::Cbor));
+        let mut body = open_proxy_stream(&c);
+        let id = body.request_id();
+        let mib = vec![b'x'; 1024 * 1024];
+        let fits = PROXY_STREAM_BUFFER_BYTES / mib.len();
+        for _ in 0..fits {
+            assert!(c.settle(ps(id, &mib)));
+        }
+        assert_eq!(c.proxy_stream_count(), 1);
+        assert!(outbox(&c).is_empty());
+        // One more than the buffer holds: cut, and `pe` goes to the daemon.
+        assert!(c.settle(ps(id, &mib)));
+        assert_eq!(c.proxy_stream_count(), 0);
+        assert_eq!(
+            outbox(&c),
+            vec![Message::ProxyEnd(RequestOnly { request_id: id })]
+        );
+        for _ in 0..fits {
+            assert!(matches!(smol::block_on(body.next()), ProxyNext::Data(_)));
+        }
+        assert_eq!(smol::block_on(body.next()), ProxyNext::Cut);
+    }
+
+    #[test]
+    fn a_client_leaving_cancels_the_stream_on_native_daemons_only() {
+        let c = Arc::new(conn(Codec::Cbor));
+        let body = open_proxy_stream(&c);
+        let id = body.request_id();
+        drop(body);
+        assert_eq!(c.proxy_stream_count(), 0);
+        assert_eq!(
+            outbox(&c),
+            vec![Message::ProxyEnd(RequestOnly { request_id: id })]
+        );
+        // A 0.1.x daemon knows no cancel: nothing is sent.
+        let j = Arc::new(conn(Codec::Json));
+        let body = open_proxy_stream(&j);
+        drop(body);
+        assert_eq!(j.proxy_stream_count(), 0);
+        assert!(outbox(&j).is_empty());
+        // The connection ending ends open streams.
+        let mut body = open_proxy_stream(&c);
+        c.shutdown(CloseCause::Replaced);
+        assert_eq!(smol::block_on(body.next()), ProxyNext::Cut);
     }
 
     fn mkdir(id: u32) -> Message {
@@ -1052,6 +1609,32 @@ mod tests {
             Err(DispatchError::Unsupported { .. })
         ));
         assert_eq!(c.pending_count(), 0);
+    }
+
+    #[test]
+    fn jit_renewal_goes_to_native_daemons_only() {
+        let renew = |id| {
+            Message::JitRenew(codemantle_protocol::message::JitRenew {
+                request_id: id,
+                session_id: "ses_renew".into(),
+                ttl_secs: 60,
+                idempotency_key: None,
+            })
+        };
+        let json = conn(Codec::Json);
+        assert!(matches!(
+            json.enqueue(4, |id, _| renew(id), Mode::Reply, None),
+            Err(DispatchError::Unsupported { t }) if t == "jr"
+        ));
+        assert_eq!(json.pending_count(), 0);
+        let native = conn(Codec::Cbor);
+        assert!(
+            native
+                .enqueue(4, |id, _| renew(id), Mode::Reply, None)
+                .is_ok()
+        );
+        assert_eq!(native.pending_count(), 1);
+        assert!(is_mutating(MessageKind::JitRenew));
     }
 
     #[test]

@@ -16,9 +16,12 @@
 //! # Memory per connection
 //!
 //! The goal is a few KiB per idle device at 10 000 devices. What a connection holds:
-//! - tungstenite's read buffer: [`READ_BUFFER_BYTES`] (1 KiB) instead of the 128 KiB default;
-//!   it is allocated eagerly and zero-filled on first read, so it is RSS. Larger frames grow it
-//!   on demand. The write buffer is 0 (frames are written through, nothing staged).
+//! - tungstenite's read buffer: [`READ_BUFFER_BYTES`] (256 bytes) instead of the 128 KiB
+//!   default; it is allocated eagerly and zero-filled on first read, so it is RSS. A larger
+//!   frame grows it to the frame's size once its header is read (and is read in 256-byte
+//!   steps). An idle session only ever reads pongs and telemetry, which fit. During the handshake it is
+//!   [`HANDSHAKE_READ_BUFFER_BYTES`], so that an `h1` arrives in one read. The write buffer is
+//!   0 (frames are written through, nothing staged).
 //! - until the handshake succeeds, frames are capped at [`HANDSHAKE_MAX_FRAME_BYTES`], so an
 //!   unauthenticated socket cannot make us reserve megabytes; after it, the codec's own limit.
 //!   (async-tungstenite cannot change limits on a live stream, so the stream is rebuilt around
@@ -42,6 +45,7 @@
 pub mod connection;
 pub mod handshake;
 pub mod hub;
+pub mod recorder;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -68,8 +72,17 @@ pub use hub::{
     Caller, CheckedDevice, CloseCause, DeviceHub, DispatchConfig, DispatchError, Telemetry,
 };
 
-/// tungstenite's eagerly allocated read buffer, per connection.
-pub const READ_BUFFER_BYTES: usize = 1024;
+/// tungstenite's eagerly allocated read buffer of an authenticated connection. What an idle
+/// session reads (pongs, `p` telemetry) fits. tungstenite grows the buffer to a larger frame's
+/// size once its header is in, but still reads at most this much per `read` call. Those small
+/// reads are served from memory while data flows: `connection::BurstRead` switches to 32 KiB
+/// socket reads into a buffer it allocates on demand and frees when the socket goes quiet, so a
+/// quarter KiB per connected device (10 000 devices: 2.5 MiB of RSS) costs large frames
+/// (stream chunks, proxied bodies) no extra syscalls.
+pub const READ_BUFFER_BYTES: usize = 256;
+/// The read buffer before the handshake succeeded: an `h1` (a few hundred bytes) in one read.
+/// Freed when the session's stream replaces the handshake's.
+pub const HANDSHAKE_READ_BUFFER_BYTES: usize = 512;
 /// Largest frame accepted before the handshake succeeded (an `h1` is well under 1 KiB).
 pub const HANDSHAKE_MAX_FRAME_BYTES: usize = 8 * 1024;
 /// Largest frame advertised in `h2` as `mx` (stream chunk size), as 0.1.50.
@@ -134,7 +147,7 @@ impl TunnelConfig {
 /// WebSocket settings before the handshake: tiny buffers, tiny frames.
 pub fn handshake_ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER_BYTES)
+        .read_buffer_size(HANDSHAKE_READ_BUFFER_BYTES)
         .write_buffer_size(0)
         .max_write_buffer_size(64 * 1024)
         .max_message_size(Some(HANDSHAKE_MAX_FRAME_BYTES))
@@ -254,7 +267,8 @@ impl TunnelHook for Tunnel {
             smol::spawn(async move {
                 match on_upgrade.await {
                     Ok(upgraded) => {
-                        connection::serve(shared, UpgradedIo::new(upgraded), peer, slot).await
+                        let io = UpgradedIo::new(upgraded);
+                        connection::serve(shared, io, peer, slot, None).await
                     }
                     Err(e) => tracing::debug!(%peer, error = %e, "tunnel upgrade failed"),
                 }
@@ -274,6 +288,34 @@ impl TunnelHook for Tunnel {
 
     fn device_removed(&self, device_id: &str) {
         self.shared.hub.close_device(device_id, CloseCause::Removed);
+    }
+
+    fn serves_upgrades(&self) -> bool {
+        true
+    }
+
+    /// The listener's fast path for plain-TCP daemons: the same `101` as [`Tunnel::handle`]
+    /// (plus the `x-request-id` every response gets), written straight to the socket, and the
+    /// connection task runs on the socket itself. No hyper connection, no `Upgraded` box, one
+    /// task per connection instead of two.
+    fn serve_upgraded(
+        &self,
+        stream: smol::net::TcpStream,
+        peer: SocketAddr,
+        key: &[u8],
+        request_id: String,
+    ) {
+        let shared = self.shared.clone();
+        let head = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+             sec-websocket-accept: {}\r\nx-request-id: {request_id}\r\n\r\n",
+            derive_accept_key(key)
+        );
+        let slot = shared.try_unauthenticated_slot();
+        if slot.is_none() {
+            tracing::warn!(%peer, "too many pending tunnel handshakes; refusing with 1013");
+        }
+        smol::spawn(connection::serve(shared, stream, peer, slot, Some(head))).detach();
     }
 }
 

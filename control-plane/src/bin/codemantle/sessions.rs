@@ -1,7 +1,14 @@
 //! `codemantle sessions start|stop|status|prompt|logs`: OpenCode sessions on a device.
 //!
-//! `logs -f` polls the snapshot (there is no live log stream yet) and prints only the lines
-//! it has not printed before.
+//! `logs SID` prints a session's output — the chunks of its latest prompt's stream (or
+//! `--stream X`), as the control plane stored them (`GET /sessions/:sid/stream?follow=0`, so it
+//! works while the device is offline) — and exits. `logs SID -f` follows the same stream live
+//! over SSE and prints chunks as they arrive; when the connection drops (control plane
+//! restarting, network) it reconnects with `Last-Event-ID` = the last chunk printed, so
+//! nothing is printed twice or skipped; it exits when the stream ends (the prompt's turn
+//! finished, or the session ended). Chunks the control plane no longer holds are reported on
+//! stderr, never skipped silently. `--device-log` prints the device's session log instead
+//! (the snapshot route, `sl` to the daemon; with `-f` it polls every `--interval` seconds).
 
 use std::io::Read as _;
 use std::time::Duration;
@@ -25,8 +32,8 @@ pub enum SessionsCommand {
         /// Session id (default: generated).
         #[arg(long)]
         session_id: Option<String>,
-        /// Give the session a JIT credential that expires after SECS (30..3600); the daemon
-        /// ends the session then.
+        /// Give the session a JIT credential that expires after SECS (16..3600); the daemon
+        /// ends the session then unless it is renewed (`POST /sessions/:sid/jit/renew`).
         #[arg(long, value_name = "SECS")]
         jit_ttl: Option<u64>,
         #[arg(long)]
@@ -56,16 +63,23 @@ pub enum SessionsCommand {
         #[arg(long)]
         idempotency_key: Option<String>,
     },
-    /// The device's session log (last lines); -f keeps polling for new ones.
+    /// A session's output (its latest prompt's stream); -f follows it live until it ends.
     Logs {
         session_id: String,
-        /// Lines (1..200).
-        #[arg(long, default_value_t = 100)]
-        tail: u16,
-        /// Keep printing new lines.
+        /// Keep printing output as it arrives (resumes after a dropped connection), until the
+        /// stream ends.
         #[arg(short = 'f', long)]
         follow: bool,
-        /// Poll interval for -f, seconds.
+        /// The stream id a prompt returned (default: the session's latest).
+        #[arg(long, value_name = "X")]
+        stream: Option<String>,
+        /// Print the device's session log (the snapshot) instead of the output stream.
+        #[arg(long)]
+        device_log: bool,
+        /// Lines of the device log (1..200), with --device-log.
+        #[arg(long, default_value_t = 100)]
+        tail: u16,
+        /// Poll interval of --device-log -f, seconds.
         #[arg(long, default_value_t = 2)]
         interval: u64,
     },
@@ -171,10 +185,18 @@ pub async fn run(api: &Api, out: &Output, cmd: SessionsCommand) -> Result<(), Cl
         }
         SessionsCommand::Logs {
             session_id,
-            tail,
             follow,
+            device_log: true,
+            tail,
             interval,
+            ..
         } => logs(api, out, &session_id, tail, follow, interval).await?,
+        SessionsCommand::Logs {
+            session_id,
+            follow,
+            stream,
+            ..
+        } => output(api, out, &session_id, stream.as_deref(), follow).await?,
     }
     Ok(())
 }
@@ -253,6 +275,119 @@ async fn logs(
         }
         smol::Timer::after(Duration::from_secs(interval.max(1))).await;
     }
+}
+
+/// How a session's output stream read ended.
+enum Ended {
+    /// The stream's `end` event: nothing more will come.
+    Stream,
+    /// The response ended without it (`follow=0` served everything stored, or the connection
+    /// dropped).
+    Response,
+}
+
+/// `logs` of the output stream; see the module doc.
+async fn output(
+    api: &Api,
+    out: &Output,
+    session_id: &str,
+    stream: Option<&str>,
+    follow: bool,
+) -> Result<(), CliError> {
+    let mut x = stream.map(str::to_owned);
+    let mut last: Option<u32> = None;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        // After the first response, stay on the stream it named (a newer prompt must not
+        // take over half-way).
+        let mut path = format!("/sessions/{}/stream?", path_escape(session_id));
+        if let Some(x) = &x {
+            path.push_str(&format!("x={}&", path_escape(x)));
+        }
+        if !follow {
+            path.push_str("follow=0");
+        }
+        let headers: Vec<(&str, String)> = last
+            .map(|q| vec![("last-event-id", q.to_string())])
+            .unwrap_or_default();
+        let opened = match api.open_stream(&path, &headers).await {
+            Ok(s) => s,
+            Err(e @ CliError::Api { .. }) => return Err(e),
+            Err(e) if follow => {
+                eprintln!(
+                    "codemantle: {e}; reconnecting in {} ms",
+                    backoff.as_millis()
+                );
+                smol::Timer::after(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        backoff = Duration::from_millis(500);
+        if x.is_none() {
+            x = opened.header("x-stream-id").map(str::to_owned);
+        }
+        let mut sse = opened.into_sse();
+        let ended = print_stream(out, &mut sse, &mut last).await;
+        match ended {
+            Ok(Ended::Stream) => return Ok(()),
+            Ok(Ended::Response) if !follow => return Ok(()),
+            Ok(Ended::Response) => {
+                eprintln!(
+                    "codemantle: the output stream was interrupted; resuming after chunk {}",
+                    last.map_or("-".to_owned(), |q| q.to_string())
+                );
+            }
+            Err(e) if follow => {
+                eprintln!("codemantle: the output stream was interrupted ({e}); resuming");
+            }
+            Err(e) => return Err(e.into()),
+        }
+        smol::Timer::after(Duration::from_millis(200)).await;
+    }
+}
+
+/// Prints the chunks of one SSE response; `last` is the seq of the last chunk printed.
+async fn print_stream(
+    out: &Output,
+    sse: &mut codemantle_control_plane::client::SseReader,
+    last: &mut Option<u32>,
+) -> Result<Ended, codemantle_control_plane::client::ClientError> {
+    use std::io::Write as _;
+    while let Some(ev) = sse.next_event().await? {
+        let data: Value = serde_json::from_str(&ev.data).unwrap_or(Value::Null);
+        match ev.event.as_deref() {
+            Some("chunk") => {
+                let Some(q) = data["q"].as_u64().and_then(|q| u32::try_from(q).ok()) else {
+                    continue;
+                };
+                if last.is_some_and(|l| q <= l) {
+                    continue;
+                }
+                *last = Some(q);
+                let mut stdout = std::io::stdout().lock();
+                let written = if out.json {
+                    writeln!(stdout, "{data}")
+                } else {
+                    write!(stdout, "{}", data["d"].as_str().unwrap_or(""))
+                };
+                let _ = written.and_then(|()| stdout.flush());
+            }
+            Some("truncated") => {
+                let (from, to) = (text(&data["from"]), text(&data["to"]));
+                eprintln!(
+                    "codemantle: chunks {from}..={to} of this stream are no longer held by the control plane (evicted or from before a restart)"
+                );
+                if let Some(to) = data["to"].as_u64().and_then(|q| u32::try_from(q).ok()) {
+                    *last = Some(last.map_or(to, |l| l.max(to)));
+                }
+            }
+            Some("end") => return Ok(Ended::Stream),
+            _ => {}
+        }
+    }
+    Ok(Ended::Response)
 }
 
 /// Where the unprinted part of `now` starts: the tail window slides, so `now` begins with a
