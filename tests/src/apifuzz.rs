@@ -597,6 +597,7 @@ const ROUTES: &[Route] = &[
     ("POST", "/devices/{dev}/git/checkout", git_body),
     ("POST", "/devices/{dev}/git/config", git_body),
     ("GET", "/sessions/{sid}/stream", no_body),
+    ("POST", "/sessions/{sid}/jit/renew", empty),
     ("GET", "/session/{sid}/snapshot", no_body),
     ("GET", "/config/templates", no_body),
     ("POST", "/config/templates", template_body),

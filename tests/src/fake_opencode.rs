@@ -29,6 +29,17 @@
 //! - `env NAME`: one `fake.env` event with the variable's value (or `null`)
 //! - `hang`: never end the turn (no `session.idle`)
 //! - `gap MS`: sleep MS milliseconds between events
+//! - `step`: before delta `i`, wait until the file [`STEP_FILE`] in the server's working
+//!   directory (the session folder) holds a number greater than `i`, **and** until at least one
+//!   `/event` subscriber's connection is still open. A test releases deltas in batches and can
+//!   kill the daemon while nothing is in flight: every delta released so far was read, and the
+//!   next one waits for the restarted daemon to subscribe again (a subscriber whose peer is gone
+//!   — the killed daemon — is noticed with a non-blocking peek before each delta), so no delta is
+//!   written into a dead connection. Real OpenCode has no such pacing; it loses what it emits
+//!   while nobody listens, which the daemon marks with `codemantle.events.gap`.
+//! - `fast`: with `emit N size S`, emit the deltas as fast as the subscribers take them (a
+//!   bounded queue per subscriber, so a slow reader slows the script instead of growing memory;
+//!   for throughput benches).
 //!
 //! Every prompt first emits `fake.prompt {"n": <prompts so far>, "text": …}` so a test can tell
 //! a prompt that ran twice; a turn ends with `session.status {type:"idle"}` and
@@ -44,6 +55,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+
+/// The file (in the server's working directory) that `step` reads: how many deltas may go out.
+pub const STEP_FILE: &str = ".fake-step";
 
 /// The argument that turns a test executable into the fake server.
 pub const MARKER: &str = "fake-opencode-serve";
@@ -82,6 +96,8 @@ pub fn serve(port: u16, password: Option<String>) -> ! {
         sessions: Mutex::new(Vec::new()),
         next_id: AtomicU64::new(1),
         prompts: AtomicU64::new(0),
+        watchers: Mutex::new(Vec::new()),
+        bounded: Mutex::new(Vec::new()),
     });
     {
         let state = Arc::clone(&state);
@@ -108,6 +124,10 @@ struct State {
     sessions: Mutex<Vec<String>>,
     next_id: AtomicU64,
     prompts: AtomicU64,
+    /// The connections of `/event` subscribers, to tell whether one is still open (`step`).
+    watchers: Mutex<Vec<TcpStream>>,
+    /// Bounded queues of `/event` subscribers, used by `fast` (blocking when full).
+    bounded: Mutex<Vec<mpsc::SyncSender<String>>>,
 }
 
 impl State {
@@ -118,6 +138,56 @@ impl State {
         let mut subs = self.subscribers.lock().unwrap_or_else(|p| p.into_inner());
         subs.retain(|tx| tx.send(event.clone()).is_ok());
     }
+
+    /// Whether at least one `/event` subscriber's peer has not closed its connection; forgets
+    /// the closed ones.
+    fn has_open_subscriber(&self) -> bool {
+        let mut watchers = self.watchers.lock().unwrap_or_else(|p| p.into_inner());
+        watchers.retain(peer_open);
+        !watchers.is_empty()
+    }
+
+    /// `broadcast` through the bounded queues: waits while a subscriber's queue is full.
+    fn broadcast_bounded(&self, kind: &str, properties: Value) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let event =
+            json!({"id": format!("evt_{id}"), "type": kind, "properties": properties}).to_string();
+        let mut subs = self.bounded.lock().unwrap_or_else(|p| p.into_inner());
+        subs.retain(|tx| tx.send(event.clone()).is_ok());
+    }
+}
+
+/// Whether the peer of `conn` has not closed it: a non-blocking peek that finds neither data
+/// nor end-of-stream (the subscriber never sends after its request, so data means open too).
+fn peer_open(conn: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let mut byte = 0u8;
+    // SAFETY: recv into a one-byte buffer we own, on a socket fd that `conn` keeps open.
+    let n = unsafe {
+        libc::recv(
+            conn.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n > 0 {
+        return true;
+    }
+    if n == 0 {
+        return false;
+    }
+    let err = std::io::Error::last_os_error();
+    err.kind() == std::io::ErrorKind::WouldBlock || err.kind() == std::io::ErrorKind::Interrupted
+}
+
+/// How many deltas `step` may emit: the number in [`STEP_FILE`], 0 while it is missing or
+/// half-written.
+fn released() -> usize {
+    std::fs::read_to_string(STEP_FILE)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 struct Request {
@@ -242,6 +312,7 @@ fn handle(mut conn: TcpStream, state: &Arc<State>) -> std::io::Result<()> {
         ("POST", ["session", _, "abort"]) => respond(&mut conn, "200 OK", "", "true"),
         ("GET", ["event"]) => {
             let (tx, rx) = mpsc::channel::<String>();
+            let (btx, brx) = mpsc::sync_channel::<String>(256);
             let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
             conn.write_all(head.as_bytes())?;
             let first = json!({"id":"evt_0","type":"server.connected","properties":{}}).to_string();
@@ -251,8 +322,49 @@ fn handle(mut conn: TcpStream, state: &Arc<State>) -> std::io::Result<()> {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(tx);
+            state
+                .bounded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(btx);
+            if let Ok(watch) = conn.try_clone() {
+                state
+                    .watchers
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(watch);
+            }
+            // Bounded (`fast`) events are written by a second thread on a clone of the
+            // connection; both write whole HTTP chunks under one lock.
+            let conn = Arc::new(Mutex::new(conn));
+            {
+                let conn = Arc::clone(&conn);
+                std::thread::spawn(move || {
+                    let mut batch = String::new();
+                    while let Ok(event) = brx.recv() {
+                        // Coalesce what is queued into one write (as a real server's buffered
+                        // writer would).
+                        batch.clear();
+                        push_record(&mut batch, &event);
+                        while let Ok(more) = brx.try_recv() {
+                            push_record(&mut batch, &more);
+                            if batch.len() > 256 << 10 {
+                                break;
+                            }
+                        }
+                        if batch.is_empty() {
+                            continue;
+                        }
+                        let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+                        if c.write_all(batch.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
             for event in rx {
-                write_chunk(&mut conn, &event)?;
+                let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+                write_chunk(&mut c, &event)?;
             }
             Ok(())
         }
@@ -263,6 +375,16 @@ fn handle(mut conn: TcpStream, state: &Arc<State>) -> std::io::Result<()> {
             r#"{"name":"NotFoundError","data":{"message":"no such route"}}"#,
         ),
     }
+}
+
+/// Appends one SSE record as one HTTP chunk to `out` (nothing for an empty event).
+fn push_record(out: &mut String, event: &str) {
+    use std::fmt::Write as _;
+    if event.is_empty() {
+        return;
+    }
+    let record = format!("data: {event}\n\n");
+    let _ = write!(out, "{:x}\r\n{record}\r\n", record.len());
 }
 
 /// One SSE record as one HTTP chunk.
@@ -285,17 +407,27 @@ fn run_script(state: &State, session: &str, text: &str) {
     let count: usize = arg("emit").and_then(|v| v.parse().ok()).unwrap_or(3);
     let size: usize = arg("size").and_then(|v| v.parse().ok()).unwrap_or(0);
     let gap = Duration::from_millis(arg("gap").and_then(|v| v.parse().ok()).unwrap_or(0));
-    state.broadcast(
+    let step = words.contains(&"step");
+    let fast = words.contains(&"fast");
+    // `fast` sends every event of the turn through the bounded queues, so they stay in order.
+    let emit = |kind: &str, properties: Value| {
+        if fast {
+            state.broadcast_bounded(kind, properties);
+        } else {
+            state.broadcast(kind, properties);
+        }
+    };
+    emit(
         "fake.prompt",
         json!({"sessionID": session, "n": n, "text": text}),
     );
-    state.broadcast(
+    emit(
         "session.status",
         json!({"sessionID": session, "status": {"type": "busy"}}),
     );
     if let Some(name) = arg("env") {
         let value = std::env::var(name).ok();
-        state.broadcast(
+        emit(
             "fake.env",
             json!({"sessionID": session, "name": name, "value": value}),
         );
@@ -304,11 +436,16 @@ fn run_script(state: &State, session: &str, text: &str) {
         if !gap.is_zero() {
             std::thread::sleep(gap);
         }
+        if step {
+            while released() <= i || !state.has_open_subscriber() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         let mut delta = format!("part {i} ");
         while delta.len() < size {
             delta.push('x');
         }
-        state.broadcast(
+        emit(
             "message.part.delta",
             json!({"sessionID": session, "messageID": "msg_fake", "partID": "prt_fake", "field": "text", "delta": delta}),
         );
@@ -316,11 +453,11 @@ fn run_script(state: &State, session: &str, text: &str) {
     if words.contains(&"hang") {
         return;
     }
-    state.broadcast(
+    emit(
         "session.status",
         json!({"sessionID": session, "status": {"type": "idle"}}),
     );
-    state.broadcast("session.idle", json!({"sessionID": session}));
+    emit("session.idle", json!({"sessionID": session}));
 }
 
 /// Standard base64 with padding (enough for the auth header; no dependency).

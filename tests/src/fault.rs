@@ -312,6 +312,23 @@ impl NetNs {
         Ok(())
     }
 
+    /// Moves the calling thread into this namespace for good: sockets it opens, threads it
+    /// spawns and processes it starts from now on live there. Call it first thing in `main`
+    /// of a program that should run entirely inside the namespace (e.g. `cm-soak`), before
+    /// any other thread exists.
+    pub fn enter(&self) -> io::Result<()> {
+        // SAFETY: setns(2) on the calling thread with a namespace fd we keep open.
+        let rc = unsafe { libc::setns(self.file.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("setns into {} failed: {e}", self.name),
+            ));
+        }
+        Ok(())
+    }
+
     /// Runs `f` on a thread that joined this namespace: sockets it opens and processes it
     /// starts live in the namespace. Other threads are not affected.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {

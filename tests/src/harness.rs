@@ -56,6 +56,9 @@ pub struct CpOptions {
     pub data_dir: Option<PathBuf>,
     /// The address to listen on (default 127.0.0.1); the port is a free one as usual.
     pub listen_ip: Option<std::net::IpAddr>,
+    /// The address clients dial (default: `listen_ip`), e.g. 127.0.0.1 when listening on
+    /// 0.0.0.0 inside a test's own network namespace.
+    pub connect_ip: Option<std::net::IpAddr>,
 }
 
 /// A registered device: its id and the path of its key file (0600).
@@ -114,6 +117,11 @@ impl ControlPlane {
         self.options
             .listen_ip
             .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST))
+    }
+
+    /// The IP clients dial: `connect_ip`, else the listen address's.
+    pub fn connect_ip(&self) -> std::net::IpAddr {
+        self.options.connect_ip.unwrap_or_else(|| self.ip())
     }
 
     /// The server's process id while it runs.
@@ -213,13 +221,16 @@ impl ControlPlane {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", std::net::SocketAddr::new(self.ip(), self.port))
+        format!(
+            "http://{}",
+            std::net::SocketAddr::new(self.connect_ip(), self.port)
+        )
     }
 
     pub fn ws_url(&self) -> String {
         format!(
             "ws://{}/ws",
-            std::net::SocketAddr::new(self.ip(), self.port)
+            std::net::SocketAddr::new(self.connect_ip(), self.port)
         )
     }
 

@@ -420,7 +420,13 @@ impl SimDaemon {
     /// Connects, runs the handshake (with the configured fault), and on success starts
     /// answering requests in a background task.
     pub async fn connect(config: SimConfig) -> std::io::Result<Handshake> {
-        let mut ws = open(config.addr).await?;
+        let ws = open(config.addr).await?;
+        Self::connect_over(config, ws).await
+    }
+
+    /// [`SimDaemon::connect`] over a WebSocket the caller opened (the load generator does its
+    /// own, lighter upgrade).
+    pub async fn connect_over(config: SimConfig, mut ws: Ws) -> std::io::Result<Handshake> {
         let nonce = config.nonce.clone().unwrap_or_else(|| random_id(20));
         let real_now = now_ms();
         let ts = match (&config.fault, config.ts_ms) {

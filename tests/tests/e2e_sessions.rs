@@ -10,52 +10,20 @@
 //!   into the daemon's temp dir; the project root is there and chowned to `nobody`);
 //! - the network is 127.0.0.1 only (control plane, fake OpenCode on a free port).
 
-use std::os::unix::fs::PermissionsExt as _;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use codemantle_control_plane::client::{Request, SseEvent, SseReader};
-use codemantle_tests::bins::bin_path;
-use codemantle_tests::harness::{ControlPlane, Daemon, free_port};
+use codemantle_tests::harness::{ControlPlane, Daemon};
+use codemantle_tests::session_rig;
 use futures_lite::FutureExt as _;
 use serde_json::{Value, json};
-
-const NOBODY: u32 = 65534;
-
-fn running_as_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// `[process]` + `[session]` of a daemon whose `opencode` is the fake, copied into its temp dir.
-fn opencode_config(dir: &Path) -> String {
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
-    let bin_dir = dir.join("bin");
-    std::fs::create_dir_all(&bin_dir).unwrap();
-    std::fs::set_permissions(&bin_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let fake = bin_dir.join("cm-fake-opencode");
-    std::fs::copy(bin_path("cm-fake-opencode"), &fake).unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let project = dir.join("project");
-    let run_as = if running_as_root() {
-        std::os::unix::fs::lchown(&project, Some(NOBODY), Some(NOBODY)).unwrap();
-        "run_as = \"nobody\"\n"
-    } else {
-        ""
-    };
-    let port = free_port();
-    format!(
-        "[process]\n{run_as}private_dir = {private:?}\n[process.allowlist]\nopencode = {fake:?}\n\
-         [session]\nport_range = \"{port}-{port}\"\nstart_timeout_s = 30\n",
-        private = dir.join("private").display().to_string(),
-        fake = fake.display().to_string(),
-    )
-}
 
 fn start() -> (ControlPlane, Daemon, String, String) {
     let mut cp = ControlPlane::start();
     let creds = cp.add_device("sessions");
-    let daemon = Daemon::start_with(&cp.ws_url(), &creds, opencode_config);
+    let daemon = Daemon::start_with(&cp.ws_url(), &creds, |dir| {
+        session_rig::opencode_config(dir, "")
+    });
     cp.wait_online(&creds.id);
     let (status, body) = cp.post(
         &format!("/devices/{}/session/start", creds.id),
@@ -140,6 +108,12 @@ fn expected_deltas(n: usize) -> Vec<String> {
 #[test]
 fn prompt_output_arrives_exactly_once_even_across_a_control_plane_kill() {
     let (mut cp, daemon, device, sid) = start();
+    // The fake OpenCode outlives the daemon by design: end it when the test is done.
+    let (_, sv) = cp.post(
+        &format!("/devices/{device}/session/status"),
+        json!({ "path": "." }),
+    );
+    let fake_pid = sv["d"].as_u64().and_then(|p| u32::try_from(p).ok());
 
     // 1. A plain prompt, read to the end.
     let x = prompt(&cp, &device, &sid, "emit 5");
@@ -186,4 +160,7 @@ fn prompt_output_arrives_exactly_once_even_across_a_control_plane_kill() {
     assert!(read(&mut open_sse(&cp, &sid, &x, None), &mut again, None));
     assert_eq!(again, got);
     drop(daemon);
+    if let Some(pid) = fake_pid {
+        codemantle_tests::session_rig::kill_fake_group(pid);
+    }
 }
