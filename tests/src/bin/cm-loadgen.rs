@@ -673,6 +673,23 @@ impl Http {
     }
 }
 
+/// The `codemantle_command_duration_seconds` lines of the server's `/metrics`.
+async fn server_histogram(addr: SocketAddr, bearer: &str) -> std::io::Result<String> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    let request = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    tcp.write_all(request.as_bytes()).await?;
+    let mut body = Vec::new();
+    tcp.read_to_end(&mut body).await?;
+    Ok(String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| l.starts_with("codemantle_command_duration_seconds"))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -918,6 +935,12 @@ fn run_once(
         args.slow_ms.map(|ms| ms * 1000),
     ));
     if args.slow_ms.is_some() {
+        // The server's own view of the same commands (dispatch to device reply), to tell a
+        // stall inside the server from one in this generator or the HTTP path.
+        match smol::block_on(server_histogram(addr, &fleet.bearer)) {
+            Ok(lines) => eprintln!("cm-loadgen: server-side command durations:\n{lines}"),
+            Err(e) => eprintln!("cm-loadgen: could not read /metrics: {e}"),
+        }
         let mut slow = lat.slow.clone();
         slow.sort_by(|a, b| a.0.total_cmp(&b.0));
         for (at, us) in slow {
