@@ -15,8 +15,13 @@ const PATTERNS: [&str; 5] = ["TOKEN", "SECRET", "PASSWORD", "AUTH", "API_KEY"];
 
 /// Whether a key, variable or field name marks its value as secret.
 pub fn is_secret_name(name: &str) -> bool {
-    let upper = name.to_ascii_uppercase();
-    PATTERNS.iter().any(|p| upper.contains(p))
+    // Case-insensitive substring search without allocating: this runs for every `key=` and
+    // `"key":"` in every line of session output (a JSON event has dozens).
+    let name = name.as_bytes();
+    PATTERNS.iter().any(|p| {
+        name.windows(p.len())
+            .any(|w| w.eq_ignore_ascii_case(p.as_bytes()))
+    })
 }
 
 /// `value`, or [`REDACTED`] if `name` is a secret name.

@@ -158,6 +158,9 @@ fn start_prompt_stream_stop() {
         log.contains("terminate session=cpSessionA reason=stopped"),
         "{log}"
     );
+    // It has the session's events, not its token stream (that is in the output stream).
+    assert!(log.contains("session.idle"), "{log}");
+    assert!(!log.contains("message.part.delta"), "{log}");
 }
 
 #[test]

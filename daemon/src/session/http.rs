@@ -651,7 +651,10 @@ impl SseParser {
         if self.has_data {
             self.data.push('\n');
         }
-        self.data.push_str(&String::from_utf8_lossy(value));
+        match std::str::from_utf8(value) {
+            Ok(text) => self.data.push_str(text),
+            Err(_) => self.data.push_str(&String::from_utf8_lossy(value)),
+        }
         self.has_data = true;
         if self.data.len() > self.max_event {
             self.go_oversized();

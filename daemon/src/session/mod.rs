@@ -1376,7 +1376,13 @@ impl Inner {
                         .and_then(Value::as_str)
                         == l.record.opencode_id.as_deref();
                 let text = scrub(&text, &l.secrets);
-                self.registry.log(now, "opencode", &text, Some(id));
+                // The device log (1600 lines, for `sl` and diagnostics) gets the session's
+                // events but not its token stream: the deltas are in the session's own durable
+                // output, and a reply's thousands of them would evict everything else from the
+                // log within a second (and double what the daemon writes per event).
+                if kind != "message.part.delta" {
+                    self.registry.log(now, "opencode", &text, Some(id));
+                }
                 (format!("{text}\n"), end)
             }
             SseItem::Oversized(bytes) => (

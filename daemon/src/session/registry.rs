@@ -230,8 +230,19 @@ impl Registry {
 
     /// Append a replay-log line (0.1.50 snapshot format) and keep the last [`LOG_KEEP`].
     pub fn log(&self, now_ms: u64, src: &str, message: &str, session: Option<&str>) {
-        let mut m: String = message.chars().take(LOG_MESSAGE_CHARS).collect();
-        if m.len() < message.len() {
+        // Cut at the LOG_MESSAGE_CHARS-th character (no copy char by char: most lines are
+        // shorter, and a line of n bytes has at most n characters).
+        let cut = if message.len() <= LOG_MESSAGE_CHARS {
+            message.len()
+        } else {
+            message
+                .char_indices()
+                .nth(LOG_MESSAGE_CHARS)
+                .map_or(message.len(), |(i, _)| i)
+        };
+        let mut m = String::with_capacity(cut + 3);
+        m.push_str(&message[..cut]);
+        if cut < message.len() {
             m.push('…');
         }
         let mut line = serde_json::json!({
@@ -375,6 +386,28 @@ mod tests {
         assert!(r.log.len() <= LOG_KEEP + LOG_KEEP / 8);
         r.log(0, "session", "next", None);
         assert!(r.log_tail(1)[0].contains("next"));
+    }
+
+    #[test]
+    fn long_log_messages_are_cut_at_a_character_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("d"), 60).unwrap();
+        let r = Registry::open(&j).unwrap();
+        let exact = "é".repeat(LOG_MESSAGE_CHARS);
+        let long = format!("{exact}€tail");
+        r.log(0, "opencode", &exact, None);
+        r.log(0, "opencode", &long, None);
+        let lines = r.log_tail(2);
+        let m = |line: &str| -> String {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            v["m"].as_str().unwrap().to_owned()
+        };
+        assert_eq!(
+            m(&lines[0]),
+            exact,
+            "4000 characters (8000 bytes) are kept whole"
+        );
+        assert_eq!(m(&lines[1]), format!("{exact}…"));
     }
 
     #[test]

@@ -25,23 +25,27 @@
 //!   bytes were dropped. Markers and a stream's last chunk are always written, so a reader
 //!   always learns about the gap and always sees the end (`e: 1`).
 //!
-//! - **Small events share chunks** (the session manager's setting). With coalescing on, an
-//!   event that fits is appended to the stream's newest chunk while that chunk is still open:
-//!   kept in memory until the next flush starts, then written to sled once (with the stream
-//!   record) and never changed again — so nothing of it was durable, sent or acknowledged
-//!   before. An event read but still in an open tail when the daemon dies is lost, like one
-//!   still in the socket from OpenCode; nothing sent ever is. OpenCode's deltas are tens of bytes: one 8 KiB chunk then carries
-//!   hundreds of them, which divides the per-chunk costs (sled transaction, frame, the control
-//!   plane's store write, ack, SSE event) by as much. Latency does not grow: a chunk is frozen
-//!   as soon as a flush starts, which happens whenever the link is ready to send.
+//! - **Chunks are filled** (the session manager's setting, "coalescing"). With it on, an
+//!   event is appended to the stream's newest chunk while no flush has started since that chunk
+//!   was opened, up to the 8 KiB limit; what does not fit opens the next chunk (an event may
+//!   straddle two chunks: the stream text is one byte sequence, and 0.1.50 splits its log
+//!   replay the same way). Chunks opened since the last flush live in memory; the next flush
+//!   writes all of them, for every stream, in one sled transaction and never changes them
+//!   again — so nothing of them was durable, sent or acknowledged before. An event read but
+//!   still in memory when the daemon dies is lost, like one still in the socket from OpenCode;
+//!   nothing sent ever is. OpenCode's deltas are tens of bytes and a tool result can be
+//!   kilobytes: full chunks divide the per-chunk costs (sled write, frame, the control plane's
+//!   store write, ack, SSE event) by as much. Latency does not grow: chunks are frozen as soon
+//!   as a flush starts, which happens whenever the link is ready to send.
 //!
 //! # Stream text
 //!
 //! A stream's text (the `d` of its chunks, concatenated) is newline-delimited JSON: one
 //! OpenCode event per line (`{"type":…,"properties":…}` as OpenCode sends it on `/event`),
-//! plus CodeMantle's own `codemantle.*` records. An event longer than one chunk (8192 UTF-8
-//! bytes, within the 8192-character wire limit) is split across consecutive chunks, never
-//! inside a UTF-8 character; the cap admits or drops whole events.
+//! plus CodeMantle's own `codemantle.*` records. Chunk boundaries carry no meaning: readers
+//! concatenate. A chunk holds at most 8192 UTF-8 bytes (within the 8192-character wire limit);
+//! an event is split across consecutive chunks where needed, never inside a UTF-8 character;
+//! the cap admits or drops whole events.
 //!
 //! # Layout in sled
 //!
@@ -51,8 +55,8 @@
 //!   Stream records are kept after the stream ends: a re-sent `sp` with the same `x` is
 //!   recognised and not prompted again.
 //!
-//! Chunk and record are written in one sled transaction, so a crash never leaves a `q` that
-//! the next chunk would reuse.
+//! Chunks and their stream's record are written in one sled transaction, so a crash never
+//! leaves a `q` that the next chunk would reuse.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -141,13 +145,13 @@ struct State {
     pending: BTreeMap<u64, ChunkKey>,
     usage: HashMap<String, Usage>,
     streams: HashMap<String, StreamRecord>,
-    /// Coalescing: each stream's newest chunk while no flush has started since it was
-    /// opened — in memory only, written to sled (with the stream record) when the next flush
-    /// starts, so small events grow it without rewriting it on disk each time.
-    tails: HashMap<String, Tail>,
+    /// Coalescing: each stream's chunks written since the last flush started — in memory
+    /// only, written to sled (with the stream record, all streams in one transaction) when the
+    /// next flush starts. Only the newest may still grow; the others are full.
+    tails: HashMap<String, Vec<Tail>>,
 }
 
-/// An open (in-memory) last chunk of a stream; see [`State::tails`].
+/// An in-memory chunk of a stream; see [`State::tails`].
 #[derive(Debug)]
 struct Tail {
     seq: u32,
@@ -324,22 +328,26 @@ impl StreamJournal {
         let fits = usage.chunks + pieces.len() as u64 <= self.limits.max_unacked_chunks
             && usage.bytes + text.len() as u64 <= self.limits.max_unacked_bytes;
         let mut record = record;
-        if self.coalesce
-            && pieces.len() == 1
-            && record.dropped.is_none()
-            && usage.bytes + text.len() as u64 <= self.limits.max_unacked_bytes
-        {
-            if let Some(tail) = state.tails.get_mut(x) {
-                if !tail.last && tail.text.len() + text.len() <= MAX_CHUNK_BYTES {
-                    tail.text.push_str(text);
-                    tail.last = last;
-                    record.closed = last;
-                    state.usage.entry(record.session.clone()).or_default().bytes +=
-                        text.len() as u64;
-                    state.streams.insert(x.to_owned(), record);
-                    self.wake();
-                    return Ok(Appended::Stored { chunks: 1 });
-                }
+        if self.coalesce && record.dropped.is_none() {
+            // Fill the open chunk to the limit, then open as many new ones as the rest needs:
+            // the stream text is one byte sequence, so an event may straddle two chunks (as
+            // 0.1.50 splits its log replay), and every chunk but the newest is full.
+            let room = state
+                .tails
+                .get(x)
+                .and_then(|t| t.last())
+                .map_or(0, |t| MAX_CHUNK_BYTES - t.text.len());
+            let (head, rest) = text.split_at(floor_char_boundary(text, room));
+            let new_chunks = if rest.is_empty() {
+                u64::from(room == 0)
+            } else {
+                split_utf8(rest, MAX_CHUNK_BYTES).len() as u64
+            };
+            if usage.chunks + new_chunks <= self.limits.max_unacked_chunks
+                && usage.bytes + text.len() as u64 <= self.limits.max_unacked_bytes
+            {
+                let chunks = self.coalesce_event(&mut state, x, &mut record, head, rest, last)?;
+                return Ok(Appended::Stored { chunks });
             }
         }
         if state.tails.contains_key(x) {
@@ -373,12 +381,47 @@ impl StreamJournal {
             let marker = resumed_marker(dropped);
             written += self.write_pieces(&mut state, x, &mut record, &[&marker], false)?;
         }
-        if self.coalesce && written == 0 && pieces.len() == 1 {
-            self.open_tail(&mut state, x, &mut record, text, last)?;
-            return Ok(Appended::Stored { chunks: 1 });
-        }
         written += self.write_pieces(&mut state, x, &mut record, &pieces, last)?;
         Ok(Appended::Stored { chunks: written })
+    }
+
+    /// Appends `head` to stream `x`'s open in-memory chunk (it fits) and `rest` as new
+    /// in-memory chunks; with `last`, the final one ends the stream. Returns the chunks opened.
+    fn coalesce_event(
+        &self,
+        state: &mut State,
+        x: &str,
+        record: &mut StreamRecord,
+        head: &str,
+        rest: &str,
+        last: bool,
+    ) -> Result<usize, StreamError> {
+        let open = state.tails.get_mut(x).and_then(|t| t.last_mut());
+        let mut opened = 0;
+        match open {
+            Some(tail) if rest.is_empty() => {
+                tail.text.push_str(head);
+                tail.last = last;
+                record.closed = last;
+                state.usage.entry(record.session.clone()).or_default().bytes += head.len() as u64;
+                state.streams.insert(x.to_owned(), record.clone());
+            }
+            open => {
+                if let Some(tail) = open {
+                    tail.text.push_str(head);
+                    state.usage.entry(record.session.clone()).or_default().bytes +=
+                        head.len() as u64;
+                }
+                let pieces = split_utf8(rest, MAX_CHUNK_BYTES);
+                let n = pieces.len();
+                for (i, piece) in pieces.into_iter().enumerate() {
+                    self.open_tail(state, x, record, piece, last && i + 1 == n)?;
+                    opened += 1;
+                }
+            }
+        }
+        self.wake();
+        Ok(opened)
     }
 
     /// Start stream `x`'s next chunk in memory (see [`State::tails`]).
@@ -410,50 +453,72 @@ impl StreamJournal {
                 seq,
             },
         );
-        state.tails.insert(
-            x.to_owned(),
-            Tail {
-                seq,
-                order,
-                session: record.session.clone(),
-                text: text.to_owned(),
-                last,
-            },
-        );
+        let mut text_buf = String::with_capacity(MAX_CHUNK_BYTES);
+        text_buf.push_str(text);
+        state.tails.entry(x.to_owned()).or_default().push(Tail {
+            seq,
+            order,
+            session: record.session.clone(),
+            text: text_buf,
+            last,
+        });
         state.streams.insert(x.to_owned(), record.clone());
         self.wake();
         Ok(())
     }
 
-    /// Write stream `x`'s open tail to sled (chunk and stream record in one transaction).
+    /// Write stream `x`'s in-memory chunks to sled (with its stream record, one transaction).
     fn materialize(&self, state: &mut State, x: &str) -> Result<(), StreamError> {
-        let Some(tail) = state.tails.remove(x) else {
+        self.materialize_streams(state, &[x.to_owned()])
+    }
+
+    /// Write every in-memory chunk to sled.
+    fn materialize_all(&self, state: &mut State) -> Result<(), StreamError> {
+        let open: Vec<String> = state.tails.keys().cloned().collect();
+        self.materialize_streams(state, &open)
+    }
+
+    /// Write the in-memory chunks of streams `xs` and their stream records in one sled
+    /// transaction: a flush of a fast stream costs one transaction, not one per chunk.
+    fn materialize_streams(&self, state: &mut State, xs: &[String]) -> Result<(), StreamError> {
+        let taken: Vec<(String, Vec<Tail>)> = xs
+            .iter()
+            .filter_map(|x| state.tails.remove(x).map(|t| (x.clone(), t)))
+            .collect();
+        if taken.is_empty() {
             return Ok(());
-        };
-        let key = encode_key(x, tail.seq);
-        let value = encode_value(tail.order, tail.last, &tail.session, &tail.text);
-        let record_bytes = state
-            .streams
-            .get(x)
-            .map(|r| serde_json::to_vec(r).unwrap_or_default())
-            .unwrap_or_default();
+        }
+        let mut rows = Vec::new();
+        let mut records = Vec::with_capacity(taken.len());
+        for (x, tails) in &taken {
+            for t in tails {
+                rows.push((
+                    encode_key(x, t.seq),
+                    encode_value(t.order, t.last, &t.session, &t.text),
+                ));
+            }
+            let record = state
+                .streams
+                .get(x)
+                .map(|r| serde_json::to_vec(r).unwrap_or_default())
+                .unwrap_or_default();
+            records.push((x.as_bytes(), record));
+        }
         let written = (&self.chunks, &self.streams).transaction(|(chunks, streams)| {
-            chunks.insert(key.as_slice(), value.as_slice())?;
-            streams.insert(x.as_bytes(), record_bytes.as_slice())?;
+            for (k, v) in &rows {
+                chunks.insert(k.as_slice(), v.as_slice())?;
+            }
+            for (x, r) in &records {
+                streams.insert(*x, r.as_slice())?;
+            }
             Ok::<(), ConflictableTransactionError<()>>(())
         });
         if let Err(e) = written {
-            state.tails.insert(x.to_owned(), tail);
+            drop(records);
+            for (x, t) in taken {
+                state.tails.insert(x, t);
+            }
             return Err(e.into());
-        }
-        Ok(())
-    }
-
-    /// Write every open tail to sled.
-    fn materialize_all(&self, state: &mut State) -> Result<(), StreamError> {
-        let open: Vec<String> = state.tails.keys().cloned().collect();
-        for x in open {
-            self.materialize(state, &x)?;
         }
         Ok(())
     }
@@ -559,14 +624,16 @@ impl StreamJournal {
                 pending.insert(value.order, key);
             }
         }
-        for (x, t) in &state.tails {
-            pending.insert(
-                t.order,
-                ChunkKey {
-                    stream: x.clone(),
-                    seq: t.seq,
-                },
-            );
+        for (x, tails) in &state.tails {
+            for t in tails {
+                pending.insert(
+                    t.order,
+                    ChunkKey {
+                        stream: x.clone(),
+                        seq: t.seq,
+                    },
+                );
+            }
         }
         state.pending = pending;
         drop(state);
@@ -723,6 +790,18 @@ fn resumed_marker(dropped: Dropped) -> String {
         "properties": { "droppedEvents": dropped.events, "droppedBytes": dropped.bytes }
     });
     format!("{line}\n")
+}
+
+/// The largest `i <= max` (and `<= text.len()`) at a character boundary of `text`.
+fn floor_char_boundary(text: &str, max: usize) -> usize {
+    if max >= text.len() {
+        return text.len();
+    }
+    let mut i = max;
+    while !text.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
 }
 
 /// `text` in pieces of at most `max` bytes, never splitting a character; one empty piece for
@@ -897,25 +976,83 @@ mod tests {
             (sent[0].seq, sent[0].data.as_str()),
             (0, "{\"n\":0}\n{\"n\":1}\n{\"n\":2}\n")
         );
-        // Sent (so flushed): the next event starts chunk 1; a chunk never outgrows the limit.
+        // Sent (so flushed): the next event starts chunk 1. Chunks are filled to the limit and
+        // an event straddles two when it does not fit; a chunk never outgrows the limit.
         let big = "y".repeat(MAX_CHUNK_BYTES - 1);
         s.append_event("streamKKK1", "a\n", false).unwrap();
-        s.append_event("streamKKK1", &big, false).unwrap();
+        assert_eq!(
+            s.append_event("streamKKK1", &big, false).unwrap(),
+            Appended::Stored { chunks: 1 },
+            "one new chunk for the byte that did not fit"
+        );
         s.append_event("streamKKK1", "end\n", true).unwrap();
+        assert_eq!(
+            s.usage("ses1"),
+            Usage {
+                chunks: 3,
+                bytes: 24 + 2 + big.len() as u64 + 4
+            }
+        );
         let sent = frames(&s);
         assert_eq!(
             sent.iter()
                 .map(|c| (c.seq, c.data.len(), c.last))
                 .collect::<Vec<_>>(),
-            [(1, 2, false), (2, big.len(), false), (3, 4, true)]
+            [(1, MAX_CHUNK_BYTES, false), (2, 1 + 4, true)]
+        );
+        assert_eq!(
+            sent.iter().map(|c| c.data.as_str()).collect::<String>(),
+            format!("a\n{big}end\n")
         );
         // What was sent is what is stored, and it survives a reopen for re-sending.
         drop(s);
         let s = StreamJournal::open(&j, StreamLimits::default()).unwrap();
         let stored = s.stored("streamKKK1");
-        assert_eq!(stored.len(), 4);
-        assert_eq!(stored[2].data, big);
-        assert_eq!((stored[3].data.as_str(), stored[3].last), ("end\n", true));
+        assert_eq!(stored.len(), 3);
+        assert_eq!(stored[1..], sent[..]);
+        assert_eq!(stored[2].data, "yend\n");
+        assert!(stored[2].last);
+    }
+
+    #[test]
+    fn filled_chunks_split_events_on_characters_and_respect_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("data"), 3600).unwrap();
+        let limits = StreamLimits {
+            max_unacked_bytes: 1 << 20,
+            max_unacked_chunks: 3,
+        };
+        let s = StreamJournal::open(&j, limits)
+            .unwrap()
+            .with_coalescing(true);
+        s.open_stream("streamFFF1", "ses1").unwrap();
+        // 8191 bytes, then a 3-byte character: it cannot be split, so it opens chunk 1.
+        let first = "x".repeat(MAX_CHUNK_BYTES - 1);
+        s.append_event("streamFFF1", &first, false).unwrap();
+        s.append_event("streamFFF1", "€€\n", false).unwrap();
+        // An event of two and a half chunks needs three more: over the cap of 3, dropped
+        // with a marker (the marker itself is written).
+        let huge = "z".repeat(MAX_CHUNK_BYTES * 5 / 2);
+        s.append_event("streamFFF1", &huge, false).unwrap();
+        s.append_event("streamFFF1", "end\n", true).unwrap();
+        let sent = frames(&s);
+        assert!(sent.iter().all(|c| c.data.len() <= MAX_CHUNK_BYTES));
+        assert_eq!(sent[0].data, first);
+        assert!(
+            sent[1].data.starts_with("€€\n"),
+            "{:?}",
+            &sent[1].data[..20]
+        );
+        let text: String = sent.iter().map(|c| c.data.as_str()).collect();
+        assert!(
+            !text.contains('z'),
+            "the event over the cap is dropped whole"
+        );
+        assert!(text.contains("codemantle.output.truncated"));
+        assert!(text.contains("codemantle.output.resumed"));
+        assert!(text.ends_with("end\n") && sent.last().unwrap().last);
+        let seqs: Vec<u32> = sent.iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, (0..sent.len() as u32).collect::<Vec<_>>());
     }
 
     #[test]
