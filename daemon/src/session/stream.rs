@@ -149,7 +149,15 @@ struct State {
     /// only, written to sled (with the stream record, all streams in one transaction) when the
     /// next flush starts. Only the newest may still grow; the others are full.
     tails: HashMap<String, Vec<Tail>>,
+    /// Chunks written by a flush and not sent yet, by order: the link sends them from here
+    /// instead of reading them back from sled. At most [`READY_MAX_BYTES`] of text; what does
+    /// not fit (a long offline spell) is read from sled when its turn comes.
+    ready: HashMap<u64, StreamChunk>,
+    ready_bytes: usize,
 }
+
+/// Most text kept in [`State::ready`].
+const READY_MAX_BYTES: usize = 4 << 20;
 
 /// An in-memory chunk of a stream; see [`State::tails`].
 #[derive(Debug)]
@@ -520,6 +528,24 @@ impl StreamJournal {
             }
             return Err(e.into());
         }
+        drop(records);
+        for (x, tails) in taken {
+            for t in tails {
+                if state.ready_bytes + t.text.len() > READY_MAX_BYTES {
+                    continue;
+                }
+                state.ready_bytes += t.text.len();
+                state.ready.insert(
+                    t.order,
+                    StreamChunk {
+                        stream_id: x.clone(),
+                        seq: t.seq,
+                        last: t.last,
+                        data: t.text,
+                    },
+                );
+            }
+        }
         Ok(())
     }
 
@@ -599,6 +625,9 @@ impl StreamJournal {
             let (k, v) = item?;
             if let Some(value) = decode_value(&v) {
                 state.pending.remove(&value.order);
+                if let Some(c) = state.ready.remove(&value.order) {
+                    state.ready_bytes -= c.data.len();
+                }
                 freed.chunks += 1;
                 freed.bytes += value.text.len() as u64;
             }
@@ -654,6 +683,10 @@ impl StreamJournal {
                 {
                     Some((order, key)) if order < self.flushed_below.load(Ordering::SeqCst) => {
                         state.pending.remove(&order);
+                        if let Some(c) = state.ready.remove(&order) {
+                            state.ready_bytes -= c.data.len();
+                            return Message::StreamChunk(c);
+                        }
                         if let Some(msg) = self.load(&key) {
                             return msg;
                         }
@@ -1053,6 +1086,45 @@ mod tests {
         assert!(text.ends_with("end\n") && sent.last().unwrap().last);
         let seqs: Vec<u32> = sent.iter().map(|c| c.seq).collect();
         assert_eq!(seqs, (0..sent.len() as u32).collect::<Vec<_>>());
+        // Sent from memory, nothing of it is kept there.
+        assert!(s.lock().ready.is_empty());
+        assert_eq!(s.lock().ready_bytes, 0);
+    }
+
+    #[test]
+    fn flushed_chunks_wait_in_memory_until_sent_or_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("data"), 3600).unwrap();
+        let s = StreamJournal::open(&j, StreamLimits::default())
+            .unwrap()
+            .with_coalescing(true);
+        s.open_stream("streamRRR1", "ses1").unwrap();
+        let text = "r".repeat(MAX_CHUNK_BYTES * 2 + 10);
+        s.append_event("streamRRR1", &text, false).unwrap();
+        s.flush().unwrap();
+        assert_eq!(s.lock().ready.len(), 3);
+        assert_eq!(s.lock().ready_bytes, text.len());
+        // The first goes out from memory; a reconnect re-queues all three (from sled for the
+        // one already sent); an ack drops what it covers from memory too.
+        let first = smol::block_on(s.next_frame());
+        assert_eq!(s.lock().ready.len(), 2);
+        s.link_up();
+        assert_eq!(s.ack("streamRRR1", 1).unwrap(), 2);
+        assert_eq!(s.lock().ready.len(), 1);
+        assert_eq!(s.lock().ready_bytes, 10);
+        let rest = frames(&s);
+        assert_eq!(rest.len(), 1);
+        assert_eq!((rest[0].seq, rest[0].data.len()), (2, 10));
+        assert_eq!(
+            first,
+            Message::StreamChunk(StreamChunk {
+                stream_id: "streamRRR1".into(),
+                seq: 0,
+                last: false,
+                data: "r".repeat(MAX_CHUNK_BYTES),
+            })
+        );
+        assert!(s.lock().ready.is_empty());
     }
 
     #[test]
