@@ -57,6 +57,22 @@
 //! 49 335 futex, 4 230 `sync_file_range` — thread hand-offs (executor, commit thread, sled)
 //! and flushes of few chunks each are what is left to batch (not profiled with symbols yet).
 //!
+//! 2026-11-26 11:40, quiet machine, after the daemon fills its chunks (an event may straddle
+//! two; every chunk but a stream's newest is a full 8 KiB), writes a flush's chunks in one sled
+//! transaction, keeps token deltas out of its device log and sends flushed chunks from memory:
+//!
+//! ```text
+//! --mb 64 --event-bytes 4000 --runs 5: median 36.7 MB/s (27.6–40.0), ≈4 500 chunks/s of ≈8 KB
+//! --mb 16 --event-bytes 200  --runs 3: median 21.8 MB/s (21.8–22.6)
+//! ```
+//!
+//! Still below 50 MB/s. `perf record -a` of a run: the machine is ~90 % busy; the control
+//! plane takes the largest share (its connection task's sled transaction per chunk, the
+//! JSON escaping of each SSE `chunk` event, and sled's I/O threads writing every 8 KiB value
+//! into its log), then the daemon's reader and link, then the fake OpenCode and this client.
+//! Next: batch the control plane's chunk appends (one transaction per read burst, the stream
+//! meta kept in memory), or a segment file per stream instead of sled for bulk output.
+//!
 //! A killed bench (SIGTERM/SIGKILL) leaves its processes running: use `--max-secs` to bound a
 //! run instead of `timeout`.
 //!
