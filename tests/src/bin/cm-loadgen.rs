@@ -40,7 +40,8 @@
 //! (keep the temp dir with the server logs) `--perf storm|dr|storm-gen` (record that phase of
 //! the server, or the storm in this generator, with `perf record --call-graph dwarf` into the
 //! temp dir; implies `--keep`) `--slow-ms MS` (list the requests slower than MS, by scheduled
-//! time).
+//! time, each with how late this generator sent it, and print the server's own
+//! command-duration histogram).
 //!
 //! Both processes raise `RLIMIT_NOFILE` to the hard limit (a fleet of N needs N + a few
 //! descriptors on each side).
@@ -702,7 +703,7 @@ struct Latencies {
     /// Requests sent, warm-up included.
     sent: u64,
     /// (scheduled offset ms, latency µs) of requests slower than `--slow-ms`.
-    slow: Vec<(f64, u64)>,
+    slow: Vec<(f64, u64, u64)>,
     statuses: HashMap<u16, u64>,
 }
 
@@ -746,6 +747,8 @@ async fn open_loop(
                     }
                     let scheduled = t0 + Duration::from_nanos(k * interval_ns);
                     smol::Timer::at(scheduled).await;
+                    // How late this generator sends it (its own timer and executor).
+                    let send_lag = scheduled.elapsed().as_micros() as u64;
                     let device = &devices[(splitmix(k) % devices.len() as u64) as usize];
                     let body = br#"{"path":"."}"#;
                     let request = format!(
@@ -767,7 +770,7 @@ async fn open_loop(
                                     lat.micros.push(micros);
                                     if slow_us.is_some_and(|t| micros >= t) {
                                         let at = (scheduled - t0).as_secs_f64() * 1000.0;
-                                        lat.slow.push((at, micros));
+                                        lat.slow.push((at, micros, send_lag));
                                     }
                                 } else {
                                     lat.errors += 1;
@@ -943,10 +946,11 @@ fn run_once(
         }
         let mut slow = lat.slow.clone();
         slow.sort_by(|a, b| a.0.total_cmp(&b.0));
-        for (at, us) in slow {
+        for (at, us, lag) in slow {
             eprintln!(
-                "cm-loadgen: slow dr at +{at:.0} ms: {:.2} ms",
-                us as f64 / 1000.0
+                "cm-loadgen: slow dr at +{at:.0} ms: {:.2} ms (sent {:.2} ms late by this generator)",
+                us as f64 / 1000.0,
+                lag as f64 / 1000.0
             );
         }
     }
