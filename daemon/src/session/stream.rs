@@ -156,6 +156,34 @@ struct State {
     ready_bytes: usize,
 }
 
+impl State {
+    /// Counts a new chunk of `session`'s stream `x` against its cap and queues it for the link.
+    fn queue_chunk(&mut self, order: u64, x: &str, seq: u32, session: &str, bytes: usize) {
+        let usage = self.usage.entry(session.to_owned()).or_default();
+        usage.chunks += 1;
+        usage.bytes += bytes as u64;
+        self.pending.insert(
+            order,
+            ChunkKey {
+                stream: x.to_owned(),
+                seq,
+            },
+        );
+    }
+}
+
+/// The `q` of stream `x`'s next chunk; moves the record past it.
+fn claim_seq(x: &str, record: &mut StreamRecord) -> Result<u32, StreamError> {
+    let seq = record.next_q;
+    record.next_q = seq
+        .checked_add(1)
+        .ok_or_else(|| StreamError::SequenceExhausted {
+            stream: x.to_owned(),
+            seq,
+        })?;
+    Ok(seq)
+}
+
 /// Most text kept in [`State::ready`].
 const READY_MAX_BYTES: usize = 4 << 20;
 
@@ -441,26 +469,11 @@ impl StreamJournal {
         text: &str,
         last: bool,
     ) -> Result<(), StreamError> {
-        let seq = record.next_q;
-        record.next_q = seq
-            .checked_add(1)
-            .ok_or_else(|| StreamError::SequenceExhausted {
-                stream: x.to_owned(),
-                seq,
-            })?;
+        let seq = claim_seq(x, record)?;
         record.closed = last;
         let order = state.next_order;
         state.next_order += 1;
-        let usage = state.usage.entry(record.session.clone()).or_default();
-        usage.chunks += 1;
-        usage.bytes += text.len() as u64;
-        state.pending.insert(
-            order,
-            ChunkKey {
-                stream: x.to_owned(),
-                seq,
-            },
-        );
+        state.queue_chunk(order, x, seq, &record.session, text.len());
         let mut text_buf = String::with_capacity(MAX_CHUNK_BYTES);
         text_buf.push_str(text);
         state.tails.entry(x.to_owned()).or_default().push(Tail {
@@ -573,15 +586,8 @@ impl StreamJournal {
     ) -> Result<usize, StreamError> {
         for (i, piece) in pieces.iter().enumerate() {
             let is_last = last && i + 1 == pieces.len();
-            let seq = record.next_q;
-            let next_q = seq
-                .checked_add(1)
-                .ok_or_else(|| StreamError::SequenceExhausted {
-                    stream: x.to_owned(),
-                    seq,
-                })?;
+            let seq = claim_seq(x, record)?;
             let order = state.next_order;
-            record.next_q = next_q;
             record.closed = is_last;
             let key = encode_key(x, seq);
             let value = encode_value(order, is_last, &record.session, piece);
@@ -592,16 +598,7 @@ impl StreamJournal {
                 Ok::<(), ConflictableTransactionError<()>>(())
             })?;
             state.next_order += 1;
-            let usage = state.usage.entry(record.session.clone()).or_default();
-            usage.chunks += 1;
-            usage.bytes += piece.len() as u64;
-            state.pending.insert(
-                order,
-                ChunkKey {
-                    stream: x.to_owned(),
-                    seq,
-                },
-            );
+            state.queue_chunk(order, x, seq, &record.session, piece.len());
             state.streams.insert(x.to_owned(), record.clone());
         }
         if !pieces.is_empty() {
